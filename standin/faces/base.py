@@ -1,0 +1,37 @@
+"""The interface every face backend implements (dlib, insightface, the mini world's own model).
+
+Preprocessing and the identity metrics only talk to this interface, so that the same FaceSim code path
+measures real videos (real face recogniser) and mini-world videos (the mini world's identity model).
+"""
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass
+class Face:
+    """One detected face in an RGB uint8 image of shape [H, W, 3]."""
+
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels
+    score: float = 1.0
+    # five points (left eye, right eye, nose, left mouth corner, right mouth corner) as [5, 2] x, y; may be None
+    landmarks: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def area(self) -> float:
+        x0, y0, x1, y1 = self.box
+        return max(0.0, x1 - x0) * max(0.0, y1 - y0)
+
+
+class FaceBackend(Protocol):
+    name: str
+
+    def detect(self, image: np.ndarray) -> list[Face]:
+        """All faces in an RGB uint8 image [H, W, 3], any order."""
+        ...
+
+    def embed(self, image: np.ndarray, face: Face) -> np.ndarray:
+        """L2-normalised identity embedding (float32 vector) of `face` inside `image`."""
+        ...
