@@ -1,0 +1,22 @@
+from standin.models.adapter import DEFAULT_RANK, StandInAdapter
+from standin.models.reference import (
+    ReferenceKV,
+    encode_reference,
+    install_reference_attention,
+    reference_context,
+    reference_rope,
+    video_grid,
+)
+from standin.models.transformer import StandInTransformer
+
+__all__ = [
+    "DEFAULT_RANK",
+    "ReferenceKV",
+    "StandInAdapter",
+    "StandInTransformer",
+    "encode_reference",
+    "install_reference_attention",
+    "reference_context",
+    "reference_rope",
+    "video_grid",
+]

@@ -1,0 +1,241 @@
+"""The reference stream of Stand-In on diffusers' WanTransformer3DModel (SPEC sections 2-4).
+
+Reference queries attend only to reference keys, so the whole reference stream can run on its own, before
+and apart from the video: `encode_reference` runs it through every block and returns each block's reference
+keys and values (after norm and RoPE). The video stream is then the unmodified diffusers forward, whose
+self-attention processors append those cached keys and values (`ReferenceAttnProcessor`). This is exactly
+the joint computation of the paper, done once per generation instead of once per forward.
+
+Without an active reference the processors hand every call to the original diffusers processor, so the
+model is the base model bit for bit.
+"""
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+from standin.models.adapter import StandInAdapter
+
+
+@dataclass
+class ReferenceKV:
+    """Per-block reference keys and values, each [batch (1 or the video batch), tokens, heads, head_dim]."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    video_grid: tuple[int, int, int]  # post-patch (frames, height, width) the reference positions were built for
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs (2d, 2d+1) of x [B, L, H, D] by the angles whose cos/sin (repeated per pair)
+    are given as [1, L, 1, D], the layout of diffusers' WanRotaryPosEmbed. Math in the tables' dtype, as Wan does."""
+    x_even, x_odd = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 0::2]
+    rotated = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+def reference_rope(rope: nn.Module, reference_grid: tuple[int, int], video_grid: tuple[int, int, int]):
+    """cos/sin tables [1, h_r * w_r, 1, head_dim] for reference token (j, k) at positions (-1, h + j, w + k).
+
+    Built from the base model's own tables: position -1 is the rotation by -theta, i.e. (cos, -sin) of row 1.
+    """
+    _, video_h, video_w = video_grid
+    ref_h, ref_w = reference_grid
+    if video_h + ref_h > rope.max_seq_len or video_w + ref_w > rope.max_seq_len:
+        raise ValueError(
+            f"reference positions reach {max(video_h + ref_h, video_w + ref_w)}, beyond the base model's RoPE table "
+            f"of {rope.max_seq_len} positions: the video grid {video_h}x{video_w} is too large for this model"
+        )
+    splits = [rope.t_dim, rope.h_dim, rope.w_dim]
+    tables = []
+    for table, sign in ((rope.freqs_cos, 1.0), (rope.freqs_sin, -1.0)):
+        table_t, table_h, table_w = table.split(splits, dim=1)
+        time = (sign * table_t[1]).expand(ref_h, ref_w, -1)
+        height = table_h[video_h : video_h + ref_h].view(ref_h, 1, -1).expand(ref_h, ref_w, -1)
+        width = table_w[video_w : video_w + ref_w].view(1, ref_w, -1).expand(ref_h, ref_w, -1)
+        tables.append(torch.cat([time, height, width], dim=-1).reshape(1, ref_h * ref_w, 1, -1))
+    return tables[0], tables[1]
+
+
+def project_qkv(attn: nn.Module, x: torch.Tensor, rotary_emb, loras: nn.Module | None = None):
+    """Q, K, V [B, L, heads, head_dim] of a WanAttention self-attention, with optional reference LoRA deltas added
+    before the q/k RMS norm (SPEC section 2)."""
+    if getattr(attn, "fused_projections", False):
+        query, key, value = attn.to_qkv(x).chunk(3, dim=-1)
+    else:
+        query, key, value = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+    if loras is not None:
+        query = (query.float() + loras.q_loras(x)).type_as(query)
+        key = (key.float() + loras.k_loras(x)).type_as(key)
+        value = (value.float() + loras.v_loras(x)).type_as(value)
+    query, key = attn.norm_q(query), attn.norm_k(key)
+    query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+    query, key = apply_rope(query, *rotary_emb), apply_rope(key, *rotary_emb)
+    return query, key, value
+
+
+def attention_output(attn: nn.Module, query, key, value, backend) -> torch.Tensor:
+    hidden_states = dispatch_attention_fn(query, key, value, backend=backend)
+    hidden_states = hidden_states.flatten(2, 3).type_as(query)
+    return attn.to_out[1](attn.to_out[0](hidden_states))
+
+
+class ReferenceAttnProcessor:
+    """Video self-attention over [video; reference] keys and values; the base processor when no reference is set."""
+
+    def __init__(self, base_processor):
+        self.base_processor = base_processor
+        self.reference: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # diffusers sets attention backends and context parallelism on processors: keep the wrapped one in step.
+    @property
+    def _attention_backend(self):
+        return self.base_processor._attention_backend
+
+    @_attention_backend.setter
+    def _attention_backend(self, backend):
+        self.base_processor._attention_backend = backend
+
+    @property
+    def _parallel_config(self):
+        return self.base_processor._parallel_config
+
+    @_parallel_config.setter
+    def _parallel_config(self, config):
+        self.base_processor._parallel_config = config
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        if self.reference is None:
+            return self.base_processor(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("the Stand-In reference only extends self-attention without a mask")
+        query, key, value = project_qkv(attn, hidden_states, rotary_emb)
+        ref_key, ref_value = self.reference
+        batch = query.shape[0]
+        key = torch.cat([key, ref_key.expand(batch, -1, -1, -1).type_as(key)], dim=1)
+        value = torch.cat([value, ref_value.expand(batch, -1, -1, -1).type_as(value)], dim=1)
+        return attention_output(attn, query, key, value, self._attention_backend)
+
+
+def install_reference_attention(transformer: nn.Module) -> None:
+    """Wrap every block's self-attention processor once; idempotent."""
+    for block in transformer.blocks:
+        if not isinstance(block.attn1.processor, ReferenceAttnProcessor):
+            block.attn1.processor = ReferenceAttnProcessor(block.attn1.processor)
+
+
+def _reference_processors(transformer: nn.Module) -> list[ReferenceAttnProcessor]:
+    processors = [block.attn1.processor for block in transformer.blocks]
+    if not all(isinstance(p, ReferenceAttnProcessor) for p in processors):
+        raise RuntimeError(
+            "this transformer's attention processors were replaced after Stand-In was installed "
+            "(e.g. by set_attn_processor); call install_reference_attention(transformer) again"
+        )
+    return processors
+
+
+@contextmanager
+def reference_context(transformer: nn.Module, reference_kv: ReferenceKV):
+    """Every forward inside sees `reference_kv`; on exit (also on an exception) the model is the base model again."""
+    processors = _reference_processors(transformer)
+    if len(reference_kv.keys) != len(processors):
+        raise ValueError(f"reference cache has {len(reference_kv.keys)} blocks, the transformer {len(processors)}")
+    if any(p.reference is not None for p in processors):
+        raise RuntimeError("a reference is already active on this transformer; nested generations are not supported")
+    try:
+        for processor, key, value in zip(processors, reference_kv.keys, reference_kv.values):
+            processor.reference = (key, value)
+        yield reference_kv
+    finally:
+        for processor in processors:
+            processor.reference = None
+
+
+def reference_aware_checkpoint(block: nn.Module, *args):
+    """Gradient checkpointing for the video blocks that recomputes them with the reference they saw.
+
+    The backward pass recomputes each block after the reference context has closed; the block's cached reference
+    keys and values are captured here and made visible again for the recomputation.
+    """
+    processor = block.attn1.processor
+    reference = processor.reference
+
+    def run(*inputs):
+        outer, processor.reference = processor.reference, reference
+        try:
+            return block(*inputs)
+        finally:
+            processor.reference = outer
+
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+
+def video_grid(transformer: nn.Module, latent_shape) -> tuple[int, int, int]:
+    """Post-patch token grid (frames, height, width) of a latent video [B, C, F, H, W]."""
+    p_t, p_h, p_w = transformer.config.patch_size
+    return latent_shape[2] // p_t, latent_shape[3] // p_h, latent_shape[4] // p_w
+
+
+def _timestep_zero_modulation(transformer: nn.Module, batch: int, dtype: torch.dtype) -> torch.Tensor:
+    """The blocks' shared time projection [B, 6, dim] at t = 0: the reference is a clean image."""
+    embedder = transformer.condition_embedder
+    device = transformer.patch_embedding.weight.device
+    timestep = embedder.timesteps_proj(torch.zeros(batch, device=device))
+    timestep = timestep.to(next(embedder.time_embedder.parameters()).dtype)
+    temb = embedder.time_embedder(timestep).to(dtype)
+    return embedder.time_proj(embedder.act_fn(temb)).unflatten(1, (6, -1))
+
+
+def _reference_block(block, loras, x, modulation, rotary_emb, last: bool):
+    """One block of the reference stream: its K/V, and its output tokens (None for the last block, unused)."""
+    shift, scale, gate, ff_shift, ff_scale, ff_gate = (block.scale_shift_table + modulation.float()).chunk(6, dim=1)
+    attn = block.attn1
+    normed = (block.norm1(x.float()) * (1 + scale) + shift).type_as(x)
+    query, key, value = project_qkv(attn, normed, rotary_emb, loras)
+    if last:
+        return None, key, value
+    attn_out = attention_output(attn, query, key, value, attn.processor._attention_backend)
+    x = (x.float() + attn_out * gate).type_as(x)
+    # No cross-attention: the reference never sees the prompt.
+    normed = (block.norm3(x.float()) * (1 + ff_scale) + ff_shift).type_as(x)
+    x = (x.float() + block.ffn(normed).float() * ff_gate).type_as(x)
+    return x, key, value
+
+
+def encode_reference(
+    transformer: nn.Module,
+    adapter: StandInAdapter,
+    reference_latents: torch.Tensor,
+    video_grid: tuple[int, int, int],
+) -> ReferenceKV:
+    """Run the reference stream through all blocks. reference_latents: normalised VAE latents [B, C, 1, H, W]."""
+    if len(adapter.blocks) != len(transformer.blocks):
+        raise ValueError(f"adapter has {len(adapter.blocks)} blocks, the transformer {len(transformer.blocks)}")
+    install_reference_attention(transformer)
+    dtype = transformer.patch_embedding.weight.dtype
+    x = transformer.patch_embedding(reference_latents.to(dtype))
+    reference_grid = tuple(x.shape[3:])
+    x = x.flatten(2).transpose(1, 2).contiguous()
+    rotary_emb = reference_rope(transformer.rope, reference_grid, video_grid)
+    rotary_emb = tuple(t.to(x.device) for t in rotary_emb)
+    modulation = _timestep_zero_modulation(transformer, x.shape[0], dtype)
+
+    checkpointing = torch.is_grad_enabled() and transformer.gradient_checkpointing
+    keys, values = [], []
+    for index, (block, block_adapter) in enumerate(zip(transformer.blocks, adapter.blocks)):
+        args = (block, block_adapter.self_attn, x, modulation, rotary_emb, index == len(transformer.blocks) - 1)
+        if checkpointing:
+            x, key, value = torch.utils.checkpoint.checkpoint(_reference_block, *args, use_reentrant=False)
+        else:
+            x, key, value = _reference_block(*args)
+        keys.append(key)
+        values.append(value)
+    return ReferenceKV(keys, values, tuple(video_grid))

@@ -1,0 +1,286 @@
+"""StandInPipeline: Wan text-to-video with a reference identity, in diffusers' pipeline idiom.
+
+It is diffusers' WanPipeline (same components, same prompt encoding and latent preparation, loadable with
+from_pretrained from any Wan2.1 / Wan2.2 diffusers folder) with its own denoising loop:
+- the reference image is preprocessed, VAE-encoded and run through the reference stream ONCE per generation
+  (per expert for Wan2.2); every step and both guidance branches reuse its keys and values;
+- both guidance branches run as one batch sharing that cache (or one after the other, when memory asks);
+- the defaults are the published checkpoints' (SPEC section 5).
+"""
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+from diffusers.utils import BaseOutput
+
+from standin.checkpoint import load_adapter
+from standin.models.adapter import StandInAdapter
+from standin.models.reference import encode_reference, install_reference_attention, reference_context, video_grid
+
+logger = logging.getLogger(__name__)
+
+# Wan's standard negative prompt, which the published Stand-In examples use.
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
+    "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，"
+    "三条腿，背景人很多，倒着走"
+)
+REFERENCE_SIZE = 512
+
+
+@dataclass
+class StandInPipelineOutput(BaseOutput):
+    frames: Any  # np.ndarray [B, F, H, W, 3] in [0, 1], list of PIL frame lists, torch tensor, or latents
+    reference: PIL.Image.Image | None  # the reference exactly as the model saw it (after preprocessing)
+
+
+def standin_sigmas(num_inference_steps: int) -> np.ndarray:
+    """sigma_i = 1 - i/N for i = 0..N-1, before the shift (SPEC section 5)."""
+    return 1.0 - np.arange(num_inference_steps) / num_inference_steps
+
+
+class StandInPipeline(WanPipeline):
+    def __init__(self, tokenizer, text_encoder, vae, scheduler, transformer=None, transformer_2=None,
+                 boundary_ratio: float | None = None, expand_timesteps: bool = False,
+                 reference_size: int = REFERENCE_SIZE):
+        super().__init__(tokenizer, text_encoder, vae, scheduler, transformer, transformer_2, boundary_ratio,
+                         expand_timesteps)
+        self.register_to_config(reference_size=reference_size)
+        # Stand-In weights, one per expert; not pipeline components, so save_pretrained keeps the base untouched.
+        self.adapters: dict[str, StandInAdapter] = {}
+
+    # ---- adapters -------------------------------------------------------------------------------------------
+    def _experts(self) -> dict[str, torch.nn.Module]:
+        return {name: getattr(self, name) for name in ("transformer", "transformer_2") if getattr(self, name, None)}
+
+    def set_standin_adapter(self, adapter: StandInAdapter, expert: str = "transformer") -> None:
+        transformer = self._experts().get(expert)
+        if transformer is None:
+            raise ValueError(f"this pipeline has no {expert}")
+        install_reference_attention(transformer)
+        self.adapters[expert] = adapter.to(transformer.patch_embedding.weight.device)
+
+    def load_standin_adapter(self, path, path_2=None) -> None:
+        """Load the Stand-In adapter file(s): one for Wan2.1; for Wan2.2 the high-noise file (for `transformer`)
+        then the low-noise file (for `transformer_2`)."""
+        experts = self._experts()
+        if len(experts) == 2 and path_2 is None:
+            raise ValueError("this Wan2.2 pipeline has two experts: give the *_high and the *_low adapter files")
+        if len(experts) == 1 and path_2 is not None:
+            raise ValueError("this pipeline has one transformer, but two adapter files were given")
+        for expert, file in zip(experts, (path, path_2)):
+            self.set_standin_adapter(load_adapter(file, experts[expert]), expert)
+
+    # ---- reference ------------------------------------------------------------------------------------------
+    def prepare_reference_image(self, image, preprocess: bool = True) -> PIL.Image.Image:
+        """The square reference the model sees: preprocessed (face crop, white background) or only squared."""
+        from standin.preprocess import load_image, preprocess_reference
+
+        size = self.config.reference_size
+        if preprocess:
+            result = preprocess_reference(image, size=size)
+            if result.fallback_reason:
+                logger.warning("reference preprocessing: %s", result.fallback_reason)
+            return result.image
+        image = load_image(image)
+        side = max(image.size)
+        square = PIL.Image.new("RGB", (side, side), "white")
+        square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+        image = square
+        return image if image.size == (size, size) else image.resize((size, size), PIL.Image.BOX)
+
+    @torch.no_grad()
+    def encode_reference_image(self, image: PIL.Image.Image) -> torch.Tensor:
+        """Square RGB image -> normalised VAE latent [1, C, 1, h, w] (posterior mean), like video latents."""
+        pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0)
+        pixels = pixels.permute(2, 0, 1)[None, :, None].to(self.vae.device, self.vae.dtype)
+        latent = self.vae.encode(pixels).latent_dist.mean
+        config = self.vae.config
+        mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1, 1).to(latent)
+        std = torch.tensor(config.latents_std).view(1, -1, 1, 1, 1).to(latent)
+        return (latent - mean) / std
+
+    # ---- generation -----------------------------------------------------------------------------------------
+    def check_sizes(self, height: int, width: int, num_frames: int) -> None:
+        multiple = self.vae_scale_factor_spatial * self._experts()["transformer"].config.patch_size[1]
+        if height <= 0 or width <= 0 or height % multiple or width % multiple:
+            raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}x{width}")
+        step = self.vae_scale_factor_temporal
+        if num_frames < 1 or (num_frames - 1) % step:
+            raise ValueError(f"num_frames must be {step}k+1 (e.g. 81, 49, 17), got {num_frames}")
+
+    def _set_timesteps(self, num_inference_steps: int, device) -> torch.Tensor:
+        if isinstance(self.scheduler, FlowMatchEulerDiscreteScheduler):
+            self.scheduler.set_timesteps(sigmas=standin_sigmas(num_inference_steps).tolist(), device=device)
+        else:
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+        return self.scheduler.timesteps
+
+    def _velocity(self, model, latents, timestep, prompt_embeds, negative_prompt_embeds, guidance_scale,
+                  reference_for, batch_guidance: bool, attention_kwargs):
+        """Guided velocity. reference_for(model) is a context manager that makes the reference visible."""
+
+        def forward(x, embeds):
+            with reference_for(model):
+                t = timestep.expand(x.shape[0])
+                return model(x, t, embeds, attention_kwargs=attention_kwargs, return_dict=False)[0]
+
+        if negative_prompt_embeds is None:
+            return forward(latents, prompt_embeds)
+        if batch_guidance:
+            both = forward(torch.cat([latents, latents]), torch.cat([prompt_embeds, negative_prompt_embeds]))
+            cond, uncond = both.chunk(2)
+        else:
+            cond, uncond = forward(latents, prompt_embeds), forward(latents, negative_prompt_embeds)
+        return uncond + guidance_scale * (cond - uncond)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        reference_image=None,
+        negative_prompt: str | list[str] | None = WAN_NEGATIVE_PROMPT,
+        height: int = 480,
+        width: int = 832,
+        num_frames: int = 81,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 5.0,
+        guidance_scale_2: float | None = None,
+        num_videos_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        preprocess_reference: bool = True,
+        cache_reference: bool = True,
+        batch_guidance: bool | str = "auto",
+        output_type: str = "np",
+        return_dict: bool = True,
+        attention_kwargs: dict | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        max_sequence_length: int = 512,
+    ):
+        """Generate a video of the reference identity doing what the prompt says.
+
+        reference_image: PIL image, array or path; None generates exactly what the base Wan model would.
+        cache_reference: compute the reference keys/values once (exact); False recomputes them in every forward,
+            as the official implementation does (for comparison and benchmarks).
+        batch_guidance: run both guidance branches as one batch (True), one after the other (False), or batched
+            until the GPU runs out of memory, then sequential ("auto"). All give the same video.
+        """
+        experts = self._experts()
+        if "transformer" not in experts:
+            raise ValueError("StandInPipeline needs `transformer` (the high-noise expert for Wan2.2)")
+        if reference_image is not None and set(self.adapters) != set(experts):
+            raise ValueError(
+                f"a reference image needs a Stand-In adapter for each expert {sorted(experts)}; "
+                f"loaded: {sorted(self.adapters)} (call load_standin_adapter)"
+            )
+        self.check_sizes(height, width, num_frames)
+        self.check_inputs(prompt, negative_prompt if prompt_embeds is None else None, height, width, prompt_embeds,
+                          negative_prompt_embeds, callback_on_step_end_tensor_inputs, guidance_scale_2)
+        self._guidance_scale = guidance_scale
+        self._attention_kwargs = attention_kwargs
+        self._interrupt = False
+        device = self._execution_device
+        if guidance_scale_2 is None:
+            guidance_scale_2 = guidance_scale
+
+        # 1. Reference first: a bad image fails before any expensive work.
+        reference = None
+        if reference_image is not None:
+            reference = self.prepare_reference_image(reference_image, preprocess_reference)
+            reference_latents = self.encode_reference_image(reference)
+
+        # 2. Text.
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, negative_prompt if prompt_embeds is None else None, guidance_scale > 1.0, num_videos_per_prompt,
+            prompt_embeds, negative_prompt_embeds, max_sequence_length, device,
+        )
+        transformer_dtype = experts["transformer"].dtype
+        prompt_embeds = prompt_embeds.to(transformer_dtype)
+        if guidance_scale <= 1.0:
+            negative_prompt_embeds = None
+        elif negative_prompt_embeds is not None:
+            negative_prompt_embeds = negative_prompt_embeds.to(transformer_dtype)
+
+        # 3. Noise and timesteps.
+        timesteps = self._set_timesteps(num_inference_steps, device)
+        latents = self.prepare_latents(
+            prompt_embeds.shape[0], experts["transformer"].config.in_channels, height, width, num_frames,
+            torch.float32, device, generator, latents,
+        )
+        grid = video_grid(experts["transformer"], latents.shape)
+        boundary = None
+        if self.config.boundary_ratio is not None and "transformer_2" in experts:
+            boundary = self.config.boundary_ratio * self.scheduler.config.num_train_timesteps
+
+        # 4. The reference cache, one per expert, alive exactly for this loop (also on an exception).
+        with contextlib.ExitStack() as stack:
+            if reference is not None and cache_reference:
+                for name, model in experts.items():
+                    kv = encode_reference(model, self.adapters[name], reference_latents.to(model.dtype), grid)
+                    stack.enter_context(reference_context(model, kv))
+
+            def reference_for(model):
+                if reference is None or cache_reference:
+                    return contextlib.nullcontext()
+                name = "transformer" if model is experts["transformer"] else "transformer_2"
+                kv = encode_reference(model, self.adapters[name], reference_latents.to(model.dtype), grid)
+                return reference_context(model, kv)
+
+            self._num_timesteps = len(timesteps)
+            self.scheduler.set_begin_index(0)
+            with self.progress_bar(total=len(timesteps)) as progress_bar:
+                for i, t in enumerate(timesteps):
+                    if self._interrupt:
+                        break
+                    self._current_timestep = t
+                    high_noise = boundary is None or t >= boundary
+                    model = experts["transformer"] if high_noise else experts["transformer_2"]
+                    scale = guidance_scale if high_noise else guidance_scale_2
+                    args = (model, latents.to(transformer_dtype), t, prompt_embeds, negative_prompt_embeds, scale,
+                            reference_for)
+                    if batch_guidance == "auto":
+                        try:
+                            velocity = self._velocity(*args, True, attention_kwargs)
+                        except torch.cuda.OutOfMemoryError:
+                            logger.warning("out of memory with batched guidance; running the branches one by one")
+                            torch.cuda.empty_cache()
+                            batch_guidance = False
+                            velocity = self._velocity(*args, False, attention_kwargs)
+                    else:
+                        velocity = self._velocity(*args, bool(batch_guidance), attention_kwargs)
+                    latents = self.scheduler.step(velocity.float(), t, latents, return_dict=False)[0]
+
+                    if callback_on_step_end is not None:
+                        callback_kwargs = {name: locals()[name] for name in callback_on_step_end_tensor_inputs}
+                        outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                        latents = outputs.pop("latents", latents)
+                        prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
+                        negative_prompt_embeds = outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                    progress_bar.update()
+        self._current_timestep = None
+
+        # 5. Decode.
+        if output_type == "latent":
+            video = latents
+        else:
+            latents = latents.to(self.vae.device, self.vae.dtype)
+            config = self.vae.config
+            mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1, 1).to(latents)
+            std = torch.tensor(config.latents_std).view(1, -1, 1, 1, 1).to(latents)
+            video = self.vae.decode(latents * std + mean, return_dict=False)[0]
+            video = self.video_processor.postprocess_video(video, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return video, reference
+        return StandInPipelineOutput(frames=video, reference=reference)
+

@@ -1,0 +1,144 @@
+"""A second implementation of Stand-In (SPEC sections 2-3), in plain PyTorch, for the tests.
+
+It shares no code with the package or with diffusers' blocks: it reads the raw weights of a diffusers
+WanTransformer3DModel state dict and computes the JOINT forward of the paper, video and reference tokens in one
+sequence with a restricted attention mask and per-token modulation, RoPE from explicit angles. The package
+computes the reference stream separately and caches it; agreement between the two checks the method itself.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _linear(weights, name, x):
+    return F.linear(x, weights[f"{name}.weight"], weights.get(f"{name}.bias"))
+
+
+def _rms_norm(x, weight, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def _layer_norm(x, eps, weight=None, bias=None):
+    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
+def rope_angles(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """positions [L, 3] (time, height, width) -> rotation angle of each channel pair [L, head_dim / 2]."""
+    axis_dim = 2 * (head_dim // 6)
+    dims = [head_dim - 2 * axis_dim, axis_dim, axis_dim]
+    angles = []
+    for axis, dim in enumerate(dims):
+        inverse_frequency = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        angles.append(positions[:, axis, None].double() * inverse_frequency)
+    return torch.cat(angles, dim=-1)
+
+
+def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """x [B, L, H, D]: channel pairs (2i, 2i+1) as complex numbers, multiplied by exp(i * angle)."""
+    pairs = torch.view_as_complex(x.double().unflatten(-1, (-1, 2)).contiguous())
+    rotated = pairs * torch.polar(torch.ones_like(angles), angles)[None, :, None, :]
+    return torch.view_as_real(rotated).flatten(-2).to(x.dtype)
+
+
+def grid_positions(frames, height, width, time_offset=0, height_offset=0, width_offset=0):
+    f, h, w = torch.meshgrid(torch.arange(frames), torch.arange(height), torch.arange(width), indexing="ij")
+    return torch.stack([f + time_offset, h + height_offset, w + width_offset], dim=-1).reshape(-1, 3)
+
+
+def _time_projection(weights, timestep, freq_dim):
+    half = freq_dim // 2
+    frequencies = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+    arguments = timestep.float()[:, None] * frequencies[None]
+    sinusoid = torch.cat([torch.cos(arguments), torch.sin(arguments)], dim=-1)
+    temb = _linear(weights, "condition_embedder.time_embedder.linear_2",
+                   F.silu(_linear(weights, "condition_embedder.time_embedder.linear_1", sinusoid)))
+    return temb, _linear(weights, "condition_embedder.time_proj", F.silu(temb)).unflatten(1, (6, -1))
+
+
+def _attention(q, k, v, mask=None):
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
+
+
+def standin_forward(weights, config, adapter_weights, latents, timestep, text, reference_latents=None,
+                    restricted=True, return_reference_kv=False):
+    """Joint Stand-In forward. weights: base state dict; adapter_weights: official-name LoRA state dict.
+    restricted=False is the paper's "vanilla self-attention" ablation (reference queries see the video too)."""
+    heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
+    eps = config["eps"]
+    batch, _, frames, height, width = latents.shape
+    f, h, w = frames, height // 2, width // 2
+
+    def embed(x):
+        tokens = F.conv3d(x, weights["patch_embedding.weight"], weights["patch_embedding.bias"], stride=(1, 2, 2))
+        return tokens.flatten(2).transpose(1, 2)
+
+    video = embed(latents)
+    positions = grid_positions(f, h, w)
+    num_video = video.shape[1]
+    temb, mod_t = _time_projection(weights, timestep, config["freq_dim"])
+    context = _linear(weights, "condition_embedder.text_embedder.linear_2", F.gelu(
+        _linear(weights, "condition_embedder.text_embedder.linear_1", text), approximate="tanh"))
+
+    if reference_latents is None:
+        x = video
+        modulation = mod_t[:, None].expand(-1, num_video, -1, -1)
+        is_reference = torch.zeros(num_video, dtype=torch.bool)
+    else:
+        reference = embed(reference_latents).expand(batch, -1, -1)
+        ref_h, ref_w = reference_latents.shape[-2] // 2, reference_latents.shape[-1] // 2
+        positions = torch.cat([positions, grid_positions(1, ref_h, ref_w, -1, h, w)])
+        x = torch.cat([video, reference], dim=1)
+        _, mod_0 = _time_projection(weights, torch.zeros(batch), config["freq_dim"])
+        modulation = torch.cat([mod_t[:, None].expand(-1, num_video, -1, -1),
+                                mod_0[:, None].expand(-1, reference.shape[1], -1, -1)], dim=1)
+        is_reference = torch.arange(x.shape[1]) >= num_video
+    angles = rope_angles(positions, head_dim)
+    # mask[query, key]: reference queries see reference keys only; video queries see everything.
+    mask = ~(is_reference[:, None] & ~is_reference[None, :]) if restricted else None
+
+    reference_kv = []
+    for i in range(config["num_layers"]):
+        p = f"blocks.{i}"
+        table = weights[f"{p}.scale_shift_table"][:, None] + modulation  # [B, L, 6, D]
+        shift, scale, gate, ff_shift, ff_scale, ff_gate = table.unbind(2)
+
+        normed = _layer_norm(x, eps) * (1 + scale) + shift
+        projected = {}
+        for name in "qkv":
+            out = _linear(weights, f"{p}.attn1.to_{name}", normed)
+            if reference_latents is not None:
+                a = adapter_weights[f"blocks.{i}.self_attn.{name}_loras.down.weight"]
+                b = adapter_weights[f"blocks.{i}.self_attn.{name}_loras.up.weight"]
+                out = out + (normed @ a.T @ b.T) * is_reference[None, :, None]
+            projected[name] = out
+        q = _rms_norm(projected["q"], weights[f"{p}.attn1.norm_q.weight"], eps).unflatten(2, (heads, head_dim))
+        k = _rms_norm(projected["k"], weights[f"{p}.attn1.norm_k.weight"], eps).unflatten(2, (heads, head_dim))
+        v = projected["v"].unflatten(2, (heads, head_dim))
+        q, k = rotate(q, angles), rotate(k, angles)
+        reference_kv.append((k[:, num_video:], v[:, num_video:]))
+        attended = _attention(q, k, v, mask).flatten(2)
+        x = x + _linear(weights, f"{p}.attn1.to_out.0", attended) * gate
+
+        # Cross-attention to the text: video tokens only.
+        video_part = x[:, :num_video]
+        normed = _layer_norm(video_part, eps, weights[f"{p}.norm2.weight"], weights[f"{p}.norm2.bias"])
+        cq = _rms_norm(_linear(weights, f"{p}.attn2.to_q", normed), weights[f"{p}.attn2.norm_q.weight"], eps)
+        ck = _rms_norm(_linear(weights, f"{p}.attn2.to_k", context), weights[f"{p}.attn2.norm_k.weight"], eps)
+        cv = _linear(weights, f"{p}.attn2.to_v", context)
+        cross = _attention(*(t.unflatten(2, (heads, head_dim)) for t in (cq, ck, cv))).flatten(2)
+        x = torch.cat([video_part + _linear(weights, f"{p}.attn2.to_out.0", cross), x[:, num_video:]], dim=1)
+
+        normed = _layer_norm(x, eps) * (1 + ff_scale) + ff_shift
+        hidden = F.gelu(_linear(weights, f"{p}.ffn.net.0.proj", normed), approximate="tanh")
+        x = x + _linear(weights, f"{p}.ffn.net.2", hidden) * ff_gate
+
+    shift, scale = (weights["scale_shift_table"] + temb[:, None]).unbind(1)
+    out = _linear(weights, "proj_out", _layer_norm(x[:, :num_video], eps) * (1 + scale[:, None]) + shift[:, None])
+    out = out.reshape(batch, f, h, w, 1, 2, 2, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+    out = out.reshape(batch, -1, frames, height, width)
+    return (out, reference_kv) if return_reference_kv else out
