@@ -7,13 +7,13 @@ with "diffusion_model.", ours adds metadata. Pickles are read with weights_only=
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from standin.io import atomic_write
 from standin.models.adapter import StandInAdapter
 
 COMMUNITY_PREFIX = "diffusion_model."
@@ -99,23 +99,6 @@ def load_adapter(path: str | os.PathLike, transformer, device=None) -> StandInAd
     state_dict = {key: value.to(device=device, dtype=torch.float32) for key, value in state_dict.items()}
     adapter.load_state_dict(state_dict, strict=True, assign=True)
     return adapter
-
-
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call write(temporary_path) then move it onto `path`: readers never see a half-written file."""
-    path = Path(path)
-    if path.parent and not path.parent.exists():
-        raise OSError(f"output folder does not exist: {path.parent}")
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-    return path
 
 
 def save_adapter(adapter_or_state_dict, path: str | os.PathLike, metadata: dict | None = None) -> Path:

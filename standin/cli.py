@@ -6,6 +6,9 @@ import sys
 
 # Each module defines add_parser(subparsers) and sets `func` on the parser it adds.
 SUBCOMMAND_MODULES = (
+    "standin.commands",
+    "standin.preprocess.cli",
+    "standin.eval.cli",
 )
 
 

@@ -40,6 +40,11 @@ class StandInPipelineOutput(BaseOutput):
     reference: PIL.Image.Image | None  # the reference exactly as the model saw it (after preprocessing)
 
 
+def standin_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """Euler flow matching with shift 5, the sampler of the published checkpoints (SPEC section 5)."""
+    return FlowMatchEulerDiscreteScheduler(shift=5.0)
+
+
 def standin_sigmas(num_inference_steps: int) -> np.ndarray:
     """sigma_i = 1 - i/N for i = 0..N-1, before the shift (SPEC section 5)."""
     return 1.0 - np.arange(num_inference_steps) / num_inference_steps
@@ -261,7 +266,9 @@ class StandInPipeline(WanPipeline):
                     latents = self.scheduler.step(velocity.float(), t, latents, return_dict=False)[0]
 
                     if callback_on_step_end is not None:
-                        callback_kwargs = {name: locals()[name] for name in callback_on_step_end_tensor_inputs}
+                        tensors = {"latents": latents, "prompt_embeds": prompt_embeds,
+                                   "negative_prompt_embeds": negative_prompt_embeds}
+                        callback_kwargs = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
                         outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
                         latents = outputs.pop("latents", latents)
                         prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
@@ -276,8 +283,9 @@ class StandInPipeline(WanPipeline):
             latents = latents.to(self.vae.device, self.vae.dtype)
             config = self.vae.config
             mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1, 1).to(latents)
-            std = torch.tensor(config.latents_std).view(1, -1, 1, 1, 1).to(latents)
-            video = self.vae.decode(latents * std + mean, return_dict=False)[0]
+            inverse_std = 1.0 / torch.tensor(config.latents_std).view(1, -1, 1, 1, 1).to(latents)
+            # Divided by the inverse, as diffusers' WanPipeline does, so that videos match it to the bit.
+            video = self.vae.decode(latents / inverse_std + mean, return_dict=False)[0]
             video = self.video_processor.postprocess_video(video, output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

@@ -5,7 +5,7 @@ takes. The tokenizer is byte-level (any text, no vocabulary to download) with T5
 """
 
 import torch
-from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
@@ -57,21 +57,16 @@ def tiny_text_encoder(d_model: int = 32, num_layers: int = 2, seed: int = 0) -> 
     torch.manual_seed(seed)
     config = UMT5Config(
         vocab_size=len(byte_tokenizer()), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=num_layers,
-        num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=32,
+        num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=128,
         feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
     )
     return UMT5EncoderModel(config).eval()
 
 
-def standin_scheduler() -> FlowMatchEulerDiscreteScheduler:
-    """Euler flow matching with shift 5, the sampler of the published checkpoints (SPEC section 5)."""
-    return FlowMatchEulerDiscreteScheduler(shift=5.0)
-
-
 def tiny_pipeline(seed: int = 0, size: str = "tiny", reference_size: int = 32, with_adapter: bool = True):
     """A complete StandInPipeline of tiny random components (text_dim matches the tiny text encoder)."""
     from standin.models.adapter import StandInAdapter
-    from standin.pipeline import StandInPipeline
+    from standin.pipeline import StandInPipeline, standin_scheduler
 
     text_encoder = tiny_text_encoder(d_model=TRANSFORMER_CONFIGS[size]["text_dim"], seed=seed)
     pipe = StandInPipeline(

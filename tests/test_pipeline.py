@@ -1,0 +1,171 @@
+"""StandInPipeline: base equivalence, cache lifecycle, guidance batching, defaults, Wan2.2 experts, loading."""
+
+import inspect
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from conftest import randomize_lora_up, relative_error
+from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+from standin.models import StandInAdapter
+from standin.pipeline import StandInPipeline, standin_scheduler, standin_sigmas
+from standin.tiny import tiny_pipeline, tiny_transformer
+
+SIZES = dict(height=32, width=32, num_frames=5)
+TOLERANCE = 1e-5  # see test_reference_stream.py
+
+
+def reference_image(seed=0, size=(40, 30)):
+    pixels = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+    return PIL.Image.fromarray(pixels)
+
+
+def noise(seed=0):
+    return torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(seed))
+
+
+def run(pipe, reference=None, seed=0, **kwargs):
+    kwargs = {"output_type": "latent", "num_inference_steps": 3, "prompt": "a man waves in the snow", **kwargs}
+    return pipe(**SIZES, latents=noise(seed), reference_image=reference, preprocess_reference=False, **kwargs).frames
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline()
+
+
+class FixedSigmasScheduler(FlowMatchEulerDiscreteScheduler):
+    """Lets diffusers' WanPipeline, which calls set_timesteps(N), sample on Stand-In's sigma schedule."""
+
+    def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, **kwargs):
+        sigmas = standin_sigmas(num_inference_steps).tolist() if sigmas is None else sigmas
+        super().set_timesteps(sigmas=sigmas, device=device, **kwargs)
+
+
+def test_without_reference_the_pipeline_is_diffusers_wan_bit_for_bit(pipe):
+    components = {name: getattr(pipe, name) for name in ("tokenizer", "text_encoder", "vae", "transformer")}
+    wan = WanPipeline(**components, scheduler=FixedSigmasScheduler(shift=5.0))
+    wan.set_progress_bar_config(disable=True)
+    common = dict(prompt="a woman jumps on the beach", **SIZES, num_inference_steps=3, guidance_scale=5.0,
+                  negative_prompt="blurry", latents=noise(3), output_type="np")
+    expected = wan(**common).frames
+    ours = pipe(**common, batch_guidance=False).frames
+    assert np.array_equal(ours, expected)
+
+
+def test_cached_and_uncached_generation_are_identical(pipe):
+    reference = reference_image()
+    assert torch.equal(run(pipe, reference), run(pipe, reference, cache_reference=False))
+
+
+def test_batched_guidance_equals_sequential(pipe):
+    reference = reference_image()
+    batched, sequential = run(pipe, reference, batch_guidance=True), run(pipe, reference, batch_guidance=False)
+    assert relative_error(batched, sequential) <= TOLERANCE
+    assert relative_error(run(pipe, reference, batch_guidance="auto"), sequential) <= TOLERANCE
+
+
+def test_the_reference_changes_the_video_and_identities_never_leak(pipe):
+    base = run(pipe)
+    first, second = reference_image(1), reference_image(2)
+    with_first = run(pipe, first)
+    assert relative_error(with_first, base) > 1e-3
+    assert torch.equal(run(pipe), base)  # the previous identity is gone
+    assert torch.equal(run(pipe, second), run(tiny_pipeline(), second))  # nothing of the first one either
+
+
+def test_cache_is_released_when_a_generation_fails(pipe):
+    def explode(*args):
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        run(pipe, reference_image(), callback_on_step_end=explode)
+    assert all(block.attn1.processor.reference is None for block in pipe.transformer.blocks)
+    assert torch.equal(run(pipe), run(tiny_pipeline()))
+
+
+def test_defaults_are_the_published_ones():
+    parameters = inspect.signature(StandInPipeline.__call__).parameters
+    defaults = {name: parameters[name].default for name in
+                ("height", "width", "num_frames", "num_inference_steps", "guidance_scale")}
+    assert defaults == dict(height=480, width=832, num_frames=81, num_inference_steps=20, guidance_scale=5.0)
+    assert parameters["negative_prompt"].default.startswith("色调艳丽")
+    scheduler = standin_scheduler()
+    scheduler.set_timesteps(sigmas=standin_sigmas(20).tolist())
+    sigma = 1 - np.arange(20) / 20
+    shifted = 5 * sigma / (1 + 4 * sigma)
+    assert np.allclose(scheduler.timesteps.numpy(), 1000 * shifted, rtol=1e-6)
+    assert scheduler.sigmas[-1] == 0
+
+
+@torch.no_grad()
+def test_one_step_is_euler_on_the_guided_velocity(pipe):
+    """x_1 = x_0 + v * (sigma'_1 - sigma'_0), v = v_neg + 5 (v_pos - v_neg), at timestep 1000 sigma'_0."""
+    seen = {}
+
+    def capture(pipeline, step, timestep, tensors):
+        seen.setdefault(step, tensors["latents"].clone())
+        return {}
+
+    run(pipe, num_inference_steps=2, negative_prompt="blurry", callback_on_step_end=capture)
+    positive, negative = pipe.encode_prompt("a man waves in the snow", "blurry", True, 1, max_sequence_length=512,
+                                            device="cpu")
+    x0, t0 = noise(), torch.tensor([1000.0])
+    v_pos = pipe.transformer(x0, t0, positive, return_dict=False)[0]
+    v_neg = pipe.transformer(x0, t0, negative, return_dict=False)[0]
+    sigma = np.array([1.0, 0.5])
+    shifted = 5 * sigma / (1 + 4 * sigma)
+    expected = x0 + (v_neg + 5.0 * (v_pos - v_neg)) * float(shifted[1] - shifted[0])
+    assert relative_error(seen[0], expected) <= TOLERANCE
+
+
+@pytest.mark.parametrize("sizes, message", [
+    (dict(height=30, width=32, num_frames=5), "multiples of 16"),
+    (dict(height=32, width=0, num_frames=5), "multiples of 16"),
+    (dict(height=32, width=32, num_frames=6), "4k\\+1"),
+])
+def test_impossible_sizes_are_refused(pipe, sizes, message):
+    with pytest.raises(ValueError, match=message):
+        pipe(prompt="x", **sizes, num_inference_steps=1)
+
+
+def test_a_reference_without_adapter_is_refused():
+    pipe = tiny_pipeline(with_adapter=False)
+    with pytest.raises(ValueError, match="adapter"):
+        run(pipe, reference_image())
+
+
+def test_wan22_switches_experts_at_875_and_each_has_its_own_cache():
+    pipe = tiny_pipeline()
+    pipe.transformer_2 = tiny_transformer(seed=7)
+    pipe.register_to_config(boundary_ratio=0.875)
+    adapter_2 = randomize_lora_up(StandInAdapter.for_transformer(pipe.transformer_2, rank=4), seed=9)
+    pipe.set_standin_adapter(adapter_2, "transformer_2")
+    calls = []
+    for name in ("transformer", "transformer_2"):
+        getattr(pipe, name).register_forward_pre_hook(
+            lambda module, args, kwargs, name=name: calls.append((name, float(args[1][0]))), with_kwargs=True)
+    reference = reference_image()
+    cached = run(pipe, reference, num_inference_steps=4)
+    high = [t for name, t in calls if name == "transformer"]
+    low = [t for name, t in calls if name == "transformer_2"]
+    assert high and low and min(high) >= 875 > max(low)
+    assert torch.equal(cached, run(pipe, reference, num_inference_steps=4, cache_reference=False))
+    with pytest.raises(ValueError, match="two experts"):
+        pipe.load_standin_adapter("only_one.ckpt")
+
+
+def test_loads_a_local_wan_diffusers_folder(tmp_path):
+    source = tiny_pipeline(with_adapter=False)
+    components = {name: getattr(source, name) for name in ("tokenizer", "text_encoder", "vae", "transformer")}
+    WanPipeline(**components, scheduler=FlowMatchEulerDiscreteScheduler()).save_pretrained(tmp_path)
+
+    from standin.loading import load_pipeline
+
+    loaded = load_pipeline(tmp_path, device="cpu")
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.scheduler.config.shift == 5.0  # Stand-In's sampler, whatever the folder ships
+    assert loaded.config.reference_size == 512
+    assert torch.equal(run(loaded), run(source))
