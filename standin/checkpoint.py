@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from standin.io import atomic_write
@@ -88,6 +88,15 @@ def validate_state_dict(state_dict: dict[str, torch.Tensor], dim: int, num_layer
     return rank
 
 
+def read_variant(path: str | os.PathLike) -> dict:
+    """The method variant an adapter was trained for (our safetensors record it; official files are the method)."""
+    if Path(path).suffix != ".safetensors":
+        return {}
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    return {key: metadata[key] for key in ("attention", "positions") if key in metadata}
+
+
 def load_adapter(path: str | os.PathLike, transformer, device=None) -> StandInAdapter:
     """Read, validate against `transformer` (a diffusers WanTransformer3DModel) and build the adapter (float32)."""
     config = transformer.config
@@ -95,7 +104,7 @@ def load_adapter(path: str | os.PathLike, transformer, device=None) -> StandInAd
     state_dict = read_state_dict(path)
     rank = validate_state_dict(state_dict, dim, config.num_layers)
     with torch.device("meta"):
-        adapter = StandInAdapter(dim, config.num_layers, rank)
+        adapter = StandInAdapter(dim, config.num_layers, rank, **read_variant(path))
     state_dict = {key: value.to(device=device, dtype=torch.float32) for key, value in state_dict.items()}
     adapter.load_state_dict(state_dict, strict=True, assign=True)
     return adapter
@@ -103,8 +112,9 @@ def load_adapter(path: str | os.PathLike, transformer, device=None) -> StandInAd
 
 def save_adapter(adapter_or_state_dict, path: str | os.PathLike, metadata: dict | None = None) -> Path:
     """Write an adapter as safetensors under the official key names, with its shape in the metadata."""
-    state_dict = adapter_or_state_dict
-    if isinstance(state_dict, torch.nn.Module):
+    state_dict, variant = adapter_or_state_dict, {}
+    if isinstance(state_dict, StandInAdapter):
+        variant = {"attention": state_dict.attention, "positions": state_dict.positions}
         state_dict = state_dict.state_dict()
     state_dict = {key: value.detach().to("cpu").contiguous() for key, value in state_dict.items()}
     down = state_dict["blocks.0.self_attn.q_loras.down.weight"]
@@ -114,6 +124,7 @@ def save_adapter(adapter_or_state_dict, path: str | os.PathLike, metadata: dict 
         "rank": str(down.shape[0]),
         "dim": str(down.shape[1]),
         "num_layers": str(1 + max(int(KEY_PATTERN.match(key).group(1)) for key in state_dict)),
+        **variant,
     }
     info.update({key: value if isinstance(value, str) else json.dumps(value) for key, value in (metadata or {}).items()})
     return atomic_write(path, lambda temporary: save_file(state_dict, temporary, metadata=info))

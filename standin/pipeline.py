@@ -21,7 +21,13 @@ from diffusers.utils import BaseOutput
 
 from standin.checkpoint import load_adapter
 from standin.models.adapter import StandInAdapter
-from standin.models.reference import encode_reference, install_reference_attention, reference_context, video_grid
+from standin.models.reference import (
+    encode_reference,
+    install_reference_attention,
+    joint_reference_context,
+    reference_context,
+    video_grid,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -229,17 +235,22 @@ class StandInPipeline(WanPipeline):
 
         # 4. The reference cache, one per expert, alive exactly for this loop (also on an exception).
         with contextlib.ExitStack() as stack:
-            if reference is not None and cache_reference:
+            # Vanilla-attention adapters (an ablation) make the reference depend on the video: nothing to cache.
+            use_cache = reference is not None and cache_reference and all(
+                self.adapters[name].attention == "restricted" for name in experts)
+            if use_cache:
                 for name, model in experts.items():
                     kv = encode_reference(model, self.adapters[name], reference_latents.to(model.dtype), grid)
                     stack.enter_context(reference_context(model, kv))
 
             def reference_for(model):
-                if reference is None or cache_reference:
+                if reference is None or use_cache:
                     return contextlib.nullcontext()
-                name = "transformer" if model is experts["transformer"] else "transformer_2"
-                kv = encode_reference(model, self.adapters[name], reference_latents.to(model.dtype), grid)
-                return reference_context(model, kv)
+                adapter = self.adapters["transformer" if model is experts["transformer"] else "transformer_2"]
+                latents_for_model = reference_latents.to(model.dtype)
+                if adapter.attention == "vanilla":
+                    return joint_reference_context(model, adapter, latents_for_model, grid)
+                return reference_context(model, encode_reference(model, adapter, latents_for_model, grid))
 
             self._num_timesteps = len(timesteps)
             self.scheduler.set_begin_index(0)

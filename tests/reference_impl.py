@@ -65,9 +65,10 @@ def _attention(q, k, v, mask=None):
 
 
 def standin_forward(weights, config, adapter_weights, latents, timestep, text, reference_latents=None,
-                    restricted=True, return_reference_kv=False):
+                    restricted=True, shared_positions=False, return_reference_kv=False):
     """Joint Stand-In forward. weights: base state dict; adapter_weights: official-name LoRA state dict.
-    restricted=False is the paper's "vanilla self-attention" ablation (reference queries see the video too)."""
+    restricted=False is the paper's "vanilla self-attention" ablation (reference queries see the video too);
+    shared_positions=True its other ablation (reference at positions (0, j, k) on the video's grid)."""
     heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
     eps = config["eps"]
     batch, _, frames, height, width = latents.shape
@@ -91,7 +92,8 @@ def standin_forward(weights, config, adapter_weights, latents, timestep, text, r
     else:
         reference = embed(reference_latents).expand(batch, -1, -1)
         ref_h, ref_w = reference_latents.shape[-2] // 2, reference_latents.shape[-1] // 2
-        positions = torch.cat([positions, grid_positions(1, ref_h, ref_w, -1, h, w)])
+        offsets = (0, 0, 0) if shared_positions else (-1, h, w)
+        positions = torch.cat([positions, grid_positions(1, ref_h, ref_w, *offsets)])
         x = torch.cat([video, reference], dim=1)
         _, mod_0 = _time_projection(weights, torch.zeros(batch), config["freq_dim"])
         modulation = torch.cat([mod_t[:, None].expand(-1, num_video, -1, -1),

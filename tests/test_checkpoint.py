@@ -69,6 +69,9 @@ def test_our_safetensors_round_trip_and_convert(tmp_path, inputs):
     path = save_adapter(adapter, tmp_path / "ours.safetensors", metadata={"steps": 3000})
     assert torch.equal(output(transformer, load_adapter(path, transformer), inputs),
                        output(transformer, adapter, inputs))
+    variant = StandInAdapter.for_transformer(transformer, rank=RANK, attention="vanilla", positions="shared")
+    reloaded = load_adapter(save_adapter(variant, tmp_path / "ablation.safetensors"), transformer)
+    assert (reloaded.attention, reloaded.positions) == ("vanilla", "shared")
     torch.save(official_state_dict(transformer), tmp_path / "official.ckpt")
     summary = convert(tmp_path / "official.ckpt", tmp_path / "converted.safetensors")
     assert summary == {"tensors": 6 * 2, "rank": RANK, "dim": 24, "num_layers": 2}

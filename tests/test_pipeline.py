@@ -60,6 +60,19 @@ def test_cached_and_uncached_generation_are_identical(pipe):
     assert torch.equal(run(pipe, reference), run(pipe, reference, cache_reference=False))
 
 
+def test_vanilla_ablation_adapter_generates_without_a_cache():
+    pipe = tiny_pipeline()
+    restricted = pipe.adapters["transformer"]
+    vanilla = StandInAdapter.for_transformer(pipe.transformer, rank=4, attention="vanilla")
+    vanilla.load_state_dict(restricted.state_dict())
+    reference = reference_image()
+    expected = run(pipe, reference)
+    pipe.set_standin_adapter(vanilla)
+    ablated = run(pipe, reference)
+    assert torch.equal(ablated, run(pipe, reference, cache_reference=False))
+    assert relative_error(ablated, expected) > 1e-4
+
+
 def test_batched_guidance_equals_sequential(pipe):
     reference = reference_image()
     batched, sequential = run(pipe, reference, batch_guidance=True), run(pipe, reference, batch_guidance=False)

@@ -2,11 +2,12 @@
 
 import math
 
+import pytest
 import torch
 from conftest import randomize_lora_up, relative_error
 from reference_impl import standin_forward
 
-from standin.models import StandInAdapter, StandInTransformer, reference_rope, video_grid
+from standin.models import StandInAdapter, StandInTransformer, joint_reference_context, reference_rope, video_grid
 from standin.models.reference import apply_rope
 from standin.tiny import TRANSFORMER_CONFIGS, tiny_transformer
 
@@ -84,6 +85,41 @@ def test_cached_forward_equals_uncached_exactly(standin_model, inputs):
     other = {**without_reference(inputs), "timestep": torch.tensor([10.0, 10.0])}
     assert torch.equal(standin_model(**other, reference_kv=kv)[0],
                        standin_model(**other, reference_latents=inputs["reference_latents"])[0])
+
+
+@torch.no_grad()
+def test_joint_computation_order_equals_the_cache(standin_model, inputs):
+    """The official order (reference advanced block by block inside the video forward) == the cached one."""
+    transformer = standin_model.transformer
+    grid = video_grid(transformer, inputs["hidden_states"].shape)
+    with joint_reference_context(transformer, standin_model.adapter, inputs["reference_latents"], grid):
+        joint = transformer(**without_reference(inputs), return_dict=False)[0]
+    assert relative_error(joint, standin_model(**inputs)[0]) <= TOLERANCE
+
+
+def ablation_model(**variant):
+    torch.manual_seed(0)
+    model = StandInTransformer(tiny_transformer(), StandInAdapter.for_transformer(tiny_transformer(), 4, **variant))
+    randomize_lora_up(model.adapter)
+    return model
+
+
+@torch.no_grad()
+def test_vanilla_attention_ablation_matches_the_independent_implementation(inputs):
+    model = ablation_model(attention="vanilla")
+    ours = model(**inputs)[0]
+    assert relative_error(ours, plain(model, inputs, restricted=False)) <= TOLERANCE
+    assert relative_error(ours, plain(model, inputs)) > 1e-3
+    with pytest.raises(ValueError, match="nothing to cache"):
+        model.encode_reference(inputs["reference_latents"], (3, 4, 5))
+
+
+@torch.no_grad()
+def test_shared_positions_ablation_matches_the_independent_implementation(inputs):
+    model = ablation_model(positions="shared")
+    ours = model(**inputs)[0]
+    assert relative_error(ours, plain(model, inputs, shared_positions=True)) <= TOLERANCE
+    assert relative_error(ours, plain(model, inputs)) > 1e-3
 
 
 @torch.no_grad()

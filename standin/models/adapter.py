@@ -45,19 +45,32 @@ class BlockAdapter(nn.Module):
         self.self_attn = SelfAttentionLoRAs(dim, rank)
 
 
-class StandInAdapter(nn.Module):
-    """All of Stand-In's new weights for one base transformer (one expert, for Wan2.2)."""
+ATTENTION_MODES = ("restricted", "vanilla")
+POSITION_MODES = ("shifted", "shared")
 
-    def __init__(self, dim: int, num_layers: int, rank: int = DEFAULT_RANK):
+
+class StandInAdapter(nn.Module):
+    """All of Stand-In's new weights for one base transformer (one expert, for Wan2.2).
+
+    attention and positions name the variant the weights were trained for: the method is ("restricted",
+    "shifted"); ("vanilla", ...) lets reference queries see the video, and (..., "shared") puts the reference on
+    the video's own grid at time 0 -- the paper's two ablations, kept to measure them.
+    """
+
+    def __init__(self, dim: int, num_layers: int, rank: int = DEFAULT_RANK, attention: str = "restricted",
+                 positions: str = "shifted"):
         super().__init__()
+        if attention not in ATTENTION_MODES or positions not in POSITION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES} and positions one of {POSITION_MODES}")
         self.dim, self.num_layers, self.rank = dim, num_layers, rank
+        self.attention, self.positions = attention, positions
         self.blocks = nn.ModuleList(BlockAdapter(dim, rank) for _ in range(num_layers))
 
     @classmethod
-    def for_transformer(cls, transformer, rank: int = DEFAULT_RANK) -> "StandInAdapter":
+    def for_transformer(cls, transformer, rank: int = DEFAULT_RANK, **variant) -> "StandInAdapter":
         """An untrained adapter sized for a diffusers WanTransformer3DModel, on its device, in float32."""
         config = transformer.config
         dim = config.num_attention_heads * config.attention_head_dim
         device = transformer.patch_embedding.weight.device
         with torch.device(device):
-            return cls(dim, config.num_layers, rank)
+            return cls(dim, config.num_layers, rank, **variant)

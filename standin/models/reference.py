@@ -42,25 +42,28 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return rotated.flatten(-2).type_as(x)
 
 
-def reference_rope(rope: nn.Module, reference_grid: tuple[int, int], video_grid: tuple[int, int, int]):
-    """cos/sin tables [1, h_r * w_r, 1, head_dim] for reference token (j, k) at positions (-1, h + j, w + k).
+def reference_rope(rope: nn.Module, reference_grid: tuple[int, int], video_grid: tuple[int, int, int],
+                   positions: str = "shifted"):
+    """cos/sin tables [1, h_r * w_r, 1, head_dim] for reference token (j, k) at positions (-1, h + j, w + k), or
+    at (0, j, k) on the video's own grid for positions="shared" (the ablation).
 
     Built from the base model's own tables: position -1 is the rotation by -theta, i.e. (cos, -sin) of row 1.
     """
     _, video_h, video_w = video_grid
     ref_h, ref_w = reference_grid
-    if video_h + ref_h > rope.max_seq_len or video_w + ref_w > rope.max_seq_len:
+    time_row, time_sign, h0, w0 = (1, -1.0, video_h, video_w) if positions == "shifted" else (0, 1.0, 0, 0)
+    if h0 + ref_h > rope.max_seq_len or w0 + ref_w > rope.max_seq_len:
         raise ValueError(
-            f"reference positions reach {max(video_h + ref_h, video_w + ref_w)}, beyond the base model's RoPE table "
+            f"reference positions reach {max(h0 + ref_h, w0 + ref_w)}, beyond the base model's RoPE table "
             f"of {rope.max_seq_len} positions: the video grid {video_h}x{video_w} is too large for this model"
         )
     splits = [rope.t_dim, rope.h_dim, rope.w_dim]
     tables = []
-    for table, sign in ((rope.freqs_cos, 1.0), (rope.freqs_sin, -1.0)):
+    for table, sign in ((rope.freqs_cos, 1.0), (rope.freqs_sin, time_sign)):
         table_t, table_h, table_w = table.split(splits, dim=1)
-        time = (sign * table_t[1]).expand(ref_h, ref_w, -1)
-        height = table_h[video_h : video_h + ref_h].view(ref_h, 1, -1).expand(ref_h, ref_w, -1)
-        width = table_w[video_w : video_w + ref_w].view(1, ref_w, -1).expand(ref_h, ref_w, -1)
+        time = (sign * table_t[time_row]).expand(ref_h, ref_w, -1)
+        height = table_h[h0 : h0 + ref_h].view(ref_h, 1, -1).expand(ref_h, ref_w, -1)
+        width = table_w[w0 : w0 + ref_w].view(1, ref_w, -1).expand(ref_h, ref_w, -1)
         tables.append(torch.cat([time, height, width], dim=-1).reshape(1, ref_h * ref_w, 1, -1))
     return tables[0], tables[1]
 
@@ -93,7 +96,8 @@ class ReferenceAttnProcessor:
 
     def __init__(self, base_processor):
         self.base_processor = base_processor
-        self.reference: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.reference: tuple[torch.Tensor, torch.Tensor] | None = None  # cached reference keys and values
+        self.joint: "JointReference | None" = None  # or the reference stream computed along with the video
 
     # diffusers sets attention backends and context parallelism on processors: keep the wrapped one in step.
     @property
@@ -113,10 +117,12 @@ class ReferenceAttnProcessor:
         self.base_processor._parallel_config = config
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        if self.reference is None:
+        if self.reference is None and self.joint is None:
             return self.base_processor(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("the Stand-In reference only extends self-attention without a mask")
+        if self.joint is not None:
+            return self.joint.attend(attn, hidden_states, rotary_emb, self._attention_backend)
         query, key, value = project_qkv(attn, hidden_states, rotary_emb)
         ref_key, ref_value = self.reference
         batch = query.shape[0]
@@ -142,14 +148,18 @@ def _reference_processors(transformer: nn.Module) -> list[ReferenceAttnProcessor
     return processors
 
 
+def _check_idle(processors) -> None:
+    if any(p.reference is not None or p.joint is not None for p in processors):
+        raise RuntimeError("a reference is already active on this transformer; nested generations are not supported")
+
+
 @contextmanager
 def reference_context(transformer: nn.Module, reference_kv: ReferenceKV):
     """Every forward inside sees `reference_kv`; on exit (also on an exception) the model is the base model again."""
     processors = _reference_processors(transformer)
     if len(reference_kv.keys) != len(processors):
         raise ValueError(f"reference cache has {len(reference_kv.keys)} blocks, the transformer {len(processors)}")
-    if any(p.reference is not None for p in processors):
-        raise RuntimeError("a reference is already active on this transformer; nested generations are not supported")
+    _check_idle(processors)
     try:
         for processor, key, value in zip(processors, reference_kv.keys, reference_kv.values):
             processor.reference = (key, value)
@@ -194,20 +204,47 @@ def _timestep_zero_modulation(transformer: nn.Module, batch: int, dtype: torch.d
     return embedder.time_proj(embedder.act_fn(temb)).unflatten(1, (6, -1))
 
 
+def _reference_qkv(block, loras, x, modulation, rotary_emb):
+    shift, scale = _modulation(block, modulation)[:2]
+    normed = (block.norm1(x.float()) * (1 + scale) + shift).type_as(x)
+    return project_qkv(block.attn1, normed, rotary_emb, loras)
+
+
+def _reference_update(block, x, attn_out, modulation):
+    """The rest of a block for reference tokens: gated residual, no cross-attention (the reference never sees the
+    prompt), feed-forward with the reference's own modulation."""
+    gate, ff_shift, ff_scale, ff_gate = _modulation(block, modulation)[2:]
+    x = (x.float() + attn_out * gate).type_as(x)
+    normed = (block.norm3(x.float()) * (1 + ff_scale) + ff_shift).type_as(x)
+    return (x.float() + block.ffn(normed).float() * ff_gate).type_as(x)
+
+
+def _modulation(block, modulation):
+    """shift, scale, gate, ff_shift, ff_scale, ff_gate of a block at the reference's timestep 0."""
+    return (block.scale_shift_table + modulation.float()).chunk(6, dim=1)
+
+
 def _reference_block(block, loras, x, modulation, rotary_emb, last: bool):
     """One block of the reference stream: its K/V, and its output tokens (None for the last block, unused)."""
-    shift, scale, gate, ff_shift, ff_scale, ff_gate = (block.scale_shift_table + modulation.float()).chunk(6, dim=1)
-    attn = block.attn1
-    normed = (block.norm1(x.float()) * (1 + scale) + shift).type_as(x)
-    query, key, value = project_qkv(attn, normed, rotary_emb, loras)
+    query, key, value = _reference_qkv(block, loras, x, modulation, rotary_emb)
     if last:
         return None, key, value
-    attn_out = attention_output(attn, query, key, value, attn.processor._attention_backend)
-    x = (x.float() + attn_out * gate).type_as(x)
-    # No cross-attention: the reference never sees the prompt.
-    normed = (block.norm3(x.float()) * (1 + ff_scale) + ff_shift).type_as(x)
-    x = (x.float() + block.ffn(normed).float() * ff_gate).type_as(x)
-    return x, key, value
+    attn_out = attention_output(block.attn1, query, key, value, block.attn1.processor._attention_backend)
+    return _reference_update(block, x, attn_out, modulation), key, value
+
+
+def _embed_reference(transformer, adapter: StandInAdapter, reference_latents, grid):
+    """Reference tokens, their RoPE tables and the timestep-0 modulation."""
+    if len(adapter.blocks) != len(transformer.blocks):
+        raise ValueError(f"adapter has {len(adapter.blocks)} blocks, the transformer {len(transformer.blocks)}")
+    install_reference_attention(transformer)
+    dtype = transformer.patch_embedding.weight.dtype
+    x = transformer.patch_embedding(reference_latents.to(dtype))
+    reference_grid = tuple(x.shape[3:])
+    x = x.flatten(2).transpose(1, 2).contiguous()
+    rotary_emb = reference_rope(transformer.rope, reference_grid, grid, adapter.positions)
+    rotary_emb = tuple(t.to(x.device) for t in rotary_emb)
+    return x, rotary_emb, _timestep_zero_modulation(transformer, x.shape[0], dtype)
 
 
 def encode_reference(
@@ -217,17 +254,9 @@ def encode_reference(
     video_grid: tuple[int, int, int],
 ) -> ReferenceKV:
     """Run the reference stream through all blocks. reference_latents: normalised VAE latents [B, C, 1, H, W]."""
-    if len(adapter.blocks) != len(transformer.blocks):
-        raise ValueError(f"adapter has {len(adapter.blocks)} blocks, the transformer {len(transformer.blocks)}")
-    install_reference_attention(transformer)
-    dtype = transformer.patch_embedding.weight.dtype
-    x = transformer.patch_embedding(reference_latents.to(dtype))
-    reference_grid = tuple(x.shape[3:])
-    x = x.flatten(2).transpose(1, 2).contiguous()
-    rotary_emb = reference_rope(transformer.rope, reference_grid, video_grid)
-    rotary_emb = tuple(t.to(x.device) for t in rotary_emb)
-    modulation = _timestep_zero_modulation(transformer, x.shape[0], dtype)
-
+    if adapter.attention != "restricted":
+        raise ValueError("only restricted attention makes the reference independent of the video: nothing to cache")
+    x, rotary_emb, modulation = _embed_reference(transformer, adapter, reference_latents, video_grid)
     checkpointing = torch.is_grad_enabled() and transformer.gradient_checkpointing
     keys, values = [], []
     for index, (block, block_adapter) in enumerate(zip(transformer.blocks, adapter.blocks)):
@@ -239,3 +268,52 @@ def encode_reference(
         keys.append(key)
         values.append(value)
     return ReferenceKV(keys, values, tuple(video_grid))
+
+
+class JointReference:
+    """The reference stream advanced block by block together with the video, inside the video's forward.
+
+    This is the order of the official implementation. It is the only one possible for the "vanilla" ablation,
+    where reference queries also attend to the video, and it cross-checks the cache for restricted attention.
+    """
+
+    def __init__(self, transformer, adapter: StandInAdapter, reference_latents, grid):
+        self.adapter = adapter
+        self.blocks = list(transformer.blocks)
+        self.block_index = {id(block.attn1): i for i, block in enumerate(self.blocks)}
+        self.tokens, self.rotary_emb, self.modulation = _embed_reference(transformer, adapter, reference_latents, grid)
+        self.hidden = None
+
+    def attend(self, attn, video_states, video_rotary_emb, backend):
+        index = self.block_index[id(attn)]
+        block, loras = self.blocks[index], self.adapter.blocks[index].self_attn
+        batch = video_states.shape[0]
+        if index == 0:  # a new forward starts: the reference tokens enter the first block
+            self.hidden = self.tokens.expand(batch, -1, -1)
+        ref_query, ref_key, ref_value = _reference_qkv(block, loras, self.hidden, self.modulation, self.rotary_emb)
+        query, key, value = project_qkv(attn, video_states, video_rotary_emb)
+        key, value = torch.cat([key, ref_key.type_as(key)], dim=1), torch.cat([value, ref_value.type_as(value)], dim=1)
+        if index < len(self.blocks) - 1:
+            if self.adapter.attention == "vanilla":
+                ref_out = attention_output(attn, ref_query, key, value, backend)
+            else:
+                ref_out = attention_output(attn, ref_query, ref_key, ref_value, backend)
+            self.hidden = _reference_update(block, self.hidden, ref_out, self.modulation)
+        return attention_output(attn, query, key, value, backend)
+
+
+@contextmanager
+def joint_reference_context(transformer: nn.Module, adapter: StandInAdapter, reference_latents, grid):
+    """Every forward inside computes the reference stream along with the video (no cache)."""
+    if torch.is_grad_enabled() and transformer.gradient_checkpointing:
+        raise RuntimeError("the joint reference stream keeps state across blocks: disable gradient checkpointing")
+    joint = JointReference(transformer, adapter, reference_latents, grid)
+    processors = _reference_processors(transformer)
+    _check_idle(processors)
+    try:
+        for processor in processors:
+            processor.joint = joint
+        yield joint
+    finally:
+        for processor in processors:
+            processor.joint = None

@@ -11,6 +11,7 @@ from standin.models.reference import (
     ReferenceKV,
     encode_reference,
     install_reference_attention,
+    joint_reference_context,
     reference_aware_checkpoint,
     reference_context,
     video_grid,
@@ -53,10 +54,17 @@ class StandInTransformer(nn.Module):
         **kwargs,
     ):
         """Base forward with the reference stream. Without reference_kv the reference is encoded in this call
-        (uncached); with it (from encode_reference) the cached keys and values are reused."""
+        (uncached); with it (from encode_reference) the cached keys and values are reused. An adapter trained with
+        vanilla attention needs the reference stream computed along with the video in every call."""
         kwargs.setdefault("return_dict", False)
         if reference_latents is None and reference_kv is None:
             return self.transformer(hidden_states, timestep, encoder_hidden_states, **kwargs)
+        grid = video_grid(self.transformer, hidden_states.shape)
+        if self.adapter.attention == "vanilla":
+            if reference_kv is not None:
+                raise ValueError("an adapter with vanilla attention has no reference cache")
+            with joint_reference_context(self.transformer, self.adapter, reference_latents, grid):
+                return self.transformer(hidden_states, timestep, encoder_hidden_states, **kwargs)
         checkpoint_func = getattr(self.transformer, "_gradient_checkpointing_func", None)
         if torch.is_grad_enabled() and self.transformer.gradient_checkpointing and (
             checkpoint_func is not reference_aware_checkpoint
@@ -65,7 +73,6 @@ class StandInTransformer(nn.Module):
                 "gradient checkpointing must be enabled with StandInTransformer.enable_gradient_checkpointing(): "
                 "the plain one recomputes the blocks without the reference"
             )
-        grid = video_grid(self.transformer, hidden_states.shape)
         if reference_kv is None:
             reference_kv = self.encode_reference(reference_latents, grid)
         elif reference_kv.video_grid != grid:
