@@ -9,6 +9,8 @@ SUBCOMMAND_MODULES = (
     "standin.commands",
     "standin.preprocess.cli",
     "standin.eval.cli",
+    "standin.train.cli",
+    "standin.mini.cli",
 )
 
 

@@ -42,8 +42,9 @@ def add_parser(subparsers) -> None:
 
 
 def _fail(message: str) -> int:
-    print(f"standin: error: {message}", file=sys.stderr)
-    return 2
+    """Expected bad input: a message, exit status 1 (argparse uses 2 for usage errors), no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    return 1
 
 
 def run_generate(args) -> int:
@@ -51,7 +52,8 @@ def run_generate(args) -> int:
 
     from standin.io import check_writable
     from standin.loading import load_pipeline
-    from standin.video import contact_sheet, save_image, save_video
+    from standin.io import save_image
+    from standin.video import contact_sheet, save_video
 
     output = Path(args.output)
     sheet_path = output.with_suffix(".png")

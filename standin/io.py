@@ -6,15 +6,17 @@ from pathlib import Path
 
 
 def check_writable(path: str | os.PathLike) -> Path:
-    """Fail before any long work if `path` cannot be written."""
+    """Fail before any long work if `path` cannot be written (missing folders will be created)."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"output path is a folder: {path}")
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"output folder does not exist: {folder}")
-    if not os.access(folder, os.W_OK):
-        raise PermissionError(f"output folder is not writable: {folder}")
+    existing = path.absolute().parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"cannot create a folder under {existing}: it is a file")
+    if not os.access(existing, os.W_OK):
+        raise PermissionError(f"output folder is not writable: {existing}")
     return path
 
 
@@ -22,6 +24,7 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     """Call write(temporary_path) then move it onto `path`: readers never see a half-written file, and a failure
     leaves whatever was at `path` before untouched."""
     path = check_writable(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
     os.close(handle)
     try:
@@ -32,3 +35,19 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
             os.unlink(temporary)
         raise
     return path
+
+
+def save_image(image, path: str | os.PathLike) -> Path:
+    """Write a PIL image atomically; the format follows the extension (.png, .jpg, .webp, ...)."""
+    from PIL import Image
+
+    extension = Path(path).suffix.lower()
+    image_format = Image.registered_extensions().get(extension)
+    if image_format is None:
+        raise ValueError(f"{path}: unknown image extension {extension!r}; use .png, .jpg or .webp")
+    return atomic_write(path, lambda temporary: image.save(temporary, format=image_format))
+
+
+def save_text(text: str, path: str | os.PathLike) -> Path:
+    """Write UTF-8 text atomically."""
+    return atomic_write(path, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))

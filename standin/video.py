@@ -48,7 +48,3 @@ def contact_sheet(frames, columns: int = 8, max_frames: int = 16) -> Image.Image
     for slot, index in enumerate(picks):
         sheet.paste(Image.fromarray(frames[index]), ((slot % columns) * width, (slot // columns) * height))
     return sheet
-
-
-def save_image(image: Image.Image, path: str | os.PathLike):
-    return atomic_write(path, lambda temporary: image.save(temporary, format="PNG"))

@@ -48,19 +48,20 @@ def test_same_seed_same_video_other_seed_other_video(model_folder, tmp_path):
 
 
 def test_bad_inputs_fail_clearly_and_write_nothing(model_folder, tmp_path, capsys):
-    assert generate(model_folder, tmp_path / "missing" / "out.mp4") == 2
-    assert "output folder does not exist" in capsys.readouterr().err
-    assert generate(model_folder, tmp_path / "out.gif") == 2
+    (tmp_path / "file").write_text("not a folder")
+    assert generate(model_folder, tmp_path / "file" / "out.mp4") == 1
+    assert "it is a file" in capsys.readouterr().err
+    assert generate(model_folder, tmp_path / "out.gif") == 1
     assert "must be an .mp4" in capsys.readouterr().err
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     args = ["generate", "--base", str(model_folder / "base"), "--adapter", str(model_folder / "adapter.safetensors"),
             "--prompt", "x", "-o", str(tmp_path / "out.mp4"), "--height", "32", "--width", "32", "--frames", "5",
             "--steps", "1", "--device", "cpu", "--no-preprocess"]
-    assert main(args + ["--reference", str(tmp_path / "broken.png")]) == 2
+    assert main(args + ["--reference", str(tmp_path / "broken.png")]) == 1
     assert "broken.png" in capsys.readouterr().err
-    assert main(args + ["--reference", str(tmp_path / "nothing.png")]) == 2
+    assert main(args + ["--reference", str(tmp_path / "nothing.png")]) == 1
     assert "not found" in capsys.readouterr().err
-    assert main(args + ["--reference", str(model_folder / "face.png"), "--frames", "6"]) == 2
+    assert main(args + ["--reference", str(model_folder / "face.png"), "--frames", "6"]) == 1
     assert "4k+1" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.mp4"))
 
@@ -72,7 +73,7 @@ def test_wrong_adapter_for_the_base_is_reported(model_folder, tmp_path, capsys):
     code = main(["generate", "--base", str(model_folder / "base"), "--adapter", str(tmp_path / "wrong.ckpt"),
                  "--reference", str(model_folder / "face.png"), "--prompt", "x", "-o", str(tmp_path / "o.mp4"),
                  "--device", "cpu"])
-    assert code == 2 and "width 40" in capsys.readouterr().err
+    assert code == 1 and "width 40" in capsys.readouterr().err
 
 
 def test_convert_command(model_folder, tmp_path, capsys):
@@ -85,4 +86,4 @@ def test_convert_command(model_folder, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["tensors"] == len(state)
     converted = load_file(str(tmp_path / "out.safetensors"))
     assert all(torch.equal(converted[k], state[k]) for k in state)
-    assert main(["convert", str(tmp_path / "nope.ckpt"), "-o", str(tmp_path / "x.safetensors")]) == 2
+    assert main(["convert", str(tmp_path / "nope.ckpt"), "-o", str(tmp_path / "x.safetensors")]) == 1

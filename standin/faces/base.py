@@ -25,6 +25,15 @@ class Face:
         return max(0.0, x1 - x0) * max(0.0, y1 - y0)
 
 
+def largest_face(faces: list[Face]) -> Face | None:
+    """The face with the largest box area (ties: the higher score), or None for an empty list."""
+    return max(faces, key=lambda f: (f.area, f.score), default=None)
+
+
+class FaceModelError(RuntimeError):
+    """A face model cannot be used: optional package missing, weights file absent or not a model."""
+
+
 class FaceBackend(Protocol):
     name: str
 

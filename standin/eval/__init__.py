@@ -1,0 +1,37 @@
+"""Identity and motion metrics for generated videos (SPEC section 9): FaceSim, face rate, copy-paste, motion."""
+
+from standin.eval.batch import BatchResult, Pair, evaluate_pairs, find_pairs, format_table, read_pairs_csv
+from standin.eval.metrics import (
+    NoFaceError,
+    VideoScores,
+    copy_paste,
+    evaluate_video,
+    face_similarity,
+    frame_embeddings,
+    identity_scores,
+    motion_amplitude,
+    reference_embedding,
+)
+from standin.eval.video import VideoReadError, frame_count, read_frames, uniform_indices
+
+__all__ = [
+    "BatchResult",
+    "NoFaceError",
+    "Pair",
+    "VideoReadError",
+    "VideoScores",
+    "copy_paste",
+    "evaluate_pairs",
+    "evaluate_video",
+    "face_similarity",
+    "find_pairs",
+    "format_table",
+    "frame_count",
+    "frame_embeddings",
+    "identity_scores",
+    "motion_amplitude",
+    "read_frames",
+    "read_pairs_csv",
+    "reference_embedding",
+    "uniform_indices",
+]

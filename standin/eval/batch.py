@@ -1,0 +1,133 @@
+"""Evaluating many (video, reference) pairs: pairing conventions, progress, summary.
+
+Pairing, in order of precedence:
+- a CSV file with a header row and the columns `video` and `reference`; relative paths are relative to the
+  CSV's folder;
+- one reference for every video of a folder;
+- by file name in a folder: `name.mp4` goes with `name.png` (or .jpg, .jpeg, .webp, .bmp) next to it.
+Videos are files ending in .mp4, .mov, .mkv, .webm, .avi or .gif. A video without a reference is reported
+as an error row, not skipped silently.
+"""
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from standin.eval.metrics import DEFAULT_NUM_FRAMES, NoFaceError, evaluate_video
+from standin.eval.video import VideoReadError
+from standin.faces import get_backend
+from standin.preprocess.io import ImageLoadError
+
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".gif")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+SUMMARY_KEYS = ("face_sim", "face_rate", "copy_paste_score", "motion")
+# per-video problems that are recorded in the results instead of stopping the batch
+EXPECTED_ERRORS = (ImageLoadError, VideoReadError, NoFaceError)
+
+
+@dataclass
+class Pair:
+    video: Path
+    reference: Path | None  # None: no reference found for this video
+
+
+@dataclass
+class BatchResult:
+    rows: list[dict] = field(default_factory=list)  # one per pair: video, reference, scores or error
+
+    def summary(self) -> dict:
+        """Mean of each metric over the videos where it is defined, and how many videos were evaluated."""
+        ok = [r for r in self.rows if "error" not in r]
+        means = {}
+        for key in SUMMARY_KEYS:
+            values = [r[key] for r in ok if r.get(key) is not None]
+            means[key] = float(np.mean(values)) if values else None
+        return {"videos": len(self.rows), "evaluated": len(ok), "failed": len(self.rows) - len(ok), **means}
+
+    def to_dict(self) -> dict:
+        return {"summary": self.summary(), "videos": self.rows}
+
+
+def find_pairs(folder, reference=None) -> list[Pair]:
+    """Pairs for the videos of `folder`: all with `reference` if given, else by matching file name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise VideoReadError(f"{folder}: not a folder")
+    videos = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+    if not videos:
+        raise VideoReadError(f"{folder}: no video files ({', '.join(VIDEO_EXTENSIONS)})")
+    if reference is not None:
+        return [Pair(v, Path(reference)) for v in videos]
+    return [Pair(v, _image_named_like(v)) for v in videos]
+
+
+def read_pairs_csv(csv_path) -> list[Pair]:
+    """Pairs from a CSV with a header and columns `video`, `reference` (paths relative to the CSV's folder)."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise VideoReadError(f"{csv_path}: no such pairs file")
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"video", "reference"} <= set(reader.fieldnames):
+            raise VideoReadError(f"{csv_path}: expected a header row with the columns 'video' and 'reference'")
+        rows = list(reader)
+    base = csv_path.parent
+    return [Pair(base / row["video"], base / row["reference"] if row["reference"] else None) for row in rows]
+
+
+def evaluate_pairs(
+    pairs: list[Pair], *, backend=None, num_frames: int = DEFAULT_NUM_FRAMES, progress: bool = True
+) -> BatchResult:
+    """Evaluate every pair; a bad video or reference becomes an error row and the batch goes on."""
+    from tqdm.auto import tqdm
+
+    backend = get_backend(backend)  # load the models once, before the progress bar starts
+    result = BatchResult()
+    for pair in tqdm(pairs, desc="evaluating", unit="video", disable=not progress):
+        row = {"video": str(pair.video), "reference": None if pair.reference is None else str(pair.reference)}
+        if pair.reference is None:
+            row["error"] = "no reference image with the same name"
+        else:
+            try:
+                row.update(evaluate_video(pair.video, pair.reference, backend=backend, num_frames=num_frames).to_dict())
+            except EXPECTED_ERRORS as e:
+                row["error"] = str(e)
+        result.rows.append(row)
+    return result
+
+
+def format_table(result: BatchResult) -> str:
+    """Fixed-width text table: one line per video, then the mean."""
+    header = f"{'video':<32} {'FaceSim':>8} {'faces':>6} {'copy-paste':>10} {'motion%':>8}"
+    lines = [header, "-" * len(header)]
+    for row in result.rows:
+        name = Path(row["video"]).name[:32]
+        if "error" in row:
+            lines.append(f"{name:<32} error: {row['error']}")
+        else:
+            lines.append(
+                f"{name:<32} {_cell(row['face_sim'], 8)} {_cell(row['face_rate'], 6)} "
+                f"{_cell(row['copy_paste_score'], 10)} {_cell(row['motion'], 8)}"
+            )
+    summary = result.summary()
+    lines.append("-" * len(header))
+    lines.append(
+        f"{'mean (' + str(summary['evaluated']) + ' of ' + str(summary['videos']) + ')':<32} "
+        f"{_cell(summary['face_sim'], 8)} {_cell(summary['face_rate'], 6)} "
+        f"{_cell(summary['copy_paste_score'], 10)} {_cell(summary['motion'], 8)}"
+    )
+    return "\n".join(lines)
+
+
+def _cell(value, width: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}.3f}"
+
+
+def _image_named_like(video: Path) -> Path | None:
+    for extension in IMAGE_EXTENSIONS:
+        for candidate in (video.with_suffix(extension), video.with_suffix(extension.upper())):
+            if candidate.is_file():
+                return candidate
+    return None

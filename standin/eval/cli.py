@@ -1,0 +1,58 @@
+"""`standin eval`: identity and motion metrics of one video, or of a folder / CSV of (video, reference) pairs."""
+
+import json
+import sys
+from pathlib import Path
+
+from standin.eval.batch import EXPECTED_ERRORS, evaluate_pairs, find_pairs, format_table, read_pairs_csv
+from standin.eval.metrics import DEFAULT_NUM_FRAMES, evaluate_video
+from standin.faces import FaceModelError
+from standin.io import save_text
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="FaceSim, face rate, copy-paste and motion amplitude of generated videos",
+        description="One video: JSON on stdout. A folder (videos paired with same-name images, or all with "
+        "--reference) or --pairs CSV (columns video,reference): progress bar, table on stdout, JSON with -o.",
+    )
+    parser.add_argument("video", nargs="?", help="a video file, or a folder of videos")
+    parser.add_argument("--reference", help="reference photo (required for a single video)")
+    parser.add_argument("--pairs", help="CSV with a header and columns video,reference (relative to the CSV)")
+    parser.add_argument("--frames", type=int, default=DEFAULT_NUM_FRAMES, help="frames sampled per video (default 32)")
+    parser.add_argument(
+        "--backend",
+        default="dlib",
+        help="face backend: dlib (default), dlib-hog, dlib-cnn, an insightface model folder, or a recogniser .onnx",
+    )
+    parser.add_argument("-o", "--output", help="also write the JSON here")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    if args.frames < 1:
+        print(f"error: --frames must be at least 1, got {args.frames}", file=sys.stderr)
+        return 2
+    if (args.video is None) == (args.pairs is None):
+        print("error: give either a video / folder or --pairs CSV", file=sys.stderr)
+        return 2
+    try:
+        if args.pairs is None and not Path(args.video).is_dir():
+            if args.reference is None:
+                print("error: --reference is required for a single video", file=sys.stderr)
+                return 2
+            scores = evaluate_video(args.video, args.reference, backend=args.backend, num_frames=args.frames)
+            text = json.dumps({"video": args.video, "reference": args.reference, **scores.to_dict()}, indent=2)
+            print(text)
+        else:
+            pairs = read_pairs_csv(args.pairs) if args.pairs else find_pairs(args.video, args.reference)
+            result = evaluate_pairs(pairs, backend=args.backend, num_frames=args.frames)
+            print(format_table(result))
+            text = json.dumps(result.to_dict(), indent=2)
+        if args.output:
+            save_text(text + "\n", args.output)
+    except (*EXPECTED_ERRORS, FaceModelError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

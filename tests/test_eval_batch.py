@@ -1,0 +1,144 @@
+"""`standin eval`: one video, a folder, a CSV of pairs, and bad videos / references that must fail clearly
+without writing the JSON."""
+
+import json
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+
+from standin.cli import main
+from standin.eval import NoFaceError, VideoReadError, evaluate_pairs, evaluate_video, find_pairs, read_pairs_csv
+from standin.preprocess import ImageLoadError
+
+BACKEND = "dlib-hog"
+
+
+def clip(path, count: int = 8):
+    """The astronaut's head drifting right over white, 200x160."""
+    person = np.asarray(Image.fromarray(skimage.data.astronaut()[:320, 60:400]).resize((153, 144)))
+    with imageio.get_writer(str(path), fps=25, macro_block_size=1) as writer:
+        for t in range(count):
+            frame = np.full((160, 200, 3), 255, np.uint8)
+            frame[:144, 10 + 3 * t : 163 + 3 * t] = person
+            writer.append_data(frame)
+    return path
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """a: clip + the astronaut photo, b: clip + the photo mirrored (JPEG), c: clip without a reference,
+    d: a broken video with a reference."""
+    root = tmp_path_factory.mktemp("videos")
+    clip(root / "a.mp4")
+    Image.fromarray(skimage.data.astronaut()).save(root / "a.png")
+    clip(root / "b.mp4")
+    Image.fromarray(skimage.data.astronaut()[:, ::-1]).save(root / "b.jpg", quality=90)
+    clip(root / "c.mp4")
+    (root / "d.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 but nothing else")
+    Image.fromarray(skimage.data.astronaut()).save(root / "d.png")
+    return root
+
+
+def test_pairing_by_name(folder):
+    pairs = {p.video.name: p.reference and p.reference.name for p in find_pairs(folder)}
+    assert pairs == {"a.mp4": "a.png", "b.mp4": "b.jpg", "c.mp4": None, "d.mp4": "d.png"}
+    shared = find_pairs(folder, reference=folder / "a.png")
+    assert {p.reference.name for p in shared} == {"a.png"} and len(shared) == 4
+
+
+def test_batch_goes_on_past_bad_pairs(folder):
+    result = evaluate_pairs(find_pairs(folder), backend=BACKEND, num_frames=4, progress=False)
+    rows = {r["video"].rsplit("/", 1)[-1]: r for r in result.rows}
+    assert rows["a.mp4"]["face_sim"] > 0.97 and rows["b.mp4"]["face_sim"] > 0.97
+    assert rows["c.mp4"]["error"] == "no reference image with the same name"
+    assert "not a readable video" in rows["d.mp4"]["error"]
+    summary = result.summary()
+    assert (summary["videos"], summary["evaluated"], summary["failed"]) == (4, 2, 2)
+    assert summary["face_sim"] == pytest.approx((rows["a.mp4"]["face_sim"] + rows["b.mp4"]["face_sim"]) / 2)
+
+
+def test_cli_batch_prints_a_table_and_writes_json(folder, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    assert main(["eval", str(folder), "--backend", BACKEND, "--frames", "4", "-o", str(out)]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[0].split() == ["video", "FaceSim", "faces", "copy-paste", "motion%"]
+    assert any(line.startswith("c.mp4") and "error" in line for line in lines)
+    assert lines[-1].startswith("mean (2 of 4)")
+    assert "evaluating" in captured.err  # the tqdm progress bar
+    saved = json.loads(out.read_text())
+    assert saved["summary"]["evaluated"] == 2 and len(saved["videos"]) == 4
+
+
+def test_cli_pairs_csv(folder, tmp_path, capsys):
+    csv = tmp_path / "pairs.csv"
+    csv.write_text(f"video,reference\n{folder / 'a.mp4'},{folder / 'a.png'}\n{folder / 'c.mp4'},{folder / 'a.png'}\n")
+    pairs = read_pairs_csv(csv)
+    assert [p.video.name for p in pairs] == ["a.mp4", "c.mp4"]
+    assert main(["eval", "--pairs", str(csv), "--backend", BACKEND, "--frames", "3"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("mean (2 of 2)")
+    (tmp_path / "bad.csv").write_text("clip,image\nx.mp4,y.png\n")
+    with pytest.raises(VideoReadError, match="columns 'video' and 'reference'"):
+        read_pairs_csv(tmp_path / "bad.csv")
+
+
+def test_cli_single_video_json(folder, capsys):
+    assert (
+        main(
+            ["eval", str(folder / "a.mp4"), "--reference", str(folder / "a.png"), "--backend", BACKEND, "--frames", "3"]
+        )
+        == 0
+    )
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["frames_sampled"] == 3 and scores["face_rate"] == 1.0 and scores["face_sim"] > 0.97
+
+
+@pytest.mark.parametrize(
+    "video, reference, error, message",
+    [
+        ("missing.mp4", "a.png", VideoReadError, "no such video file"),
+        ("d.mp4", "a.png", VideoReadError, "not a readable video"),
+        ("notes.mp4", "a.png", VideoReadError, "not a readable video"),
+        ("a.mp4", "coffee.png", NoFaceError, "no face found in the reference"),
+        ("a.mp4", "broken.png", ImageLoadError, "truncated or corrupt"),
+        ("a.mp4", "missing.png", ImageLoadError, "no such file"),
+    ],
+    ids=[
+        "missing-video",
+        "broken-video",
+        "text-video",
+        "faceless-reference",
+        "truncated-reference",
+        "missing-reference",
+    ],
+)
+def test_bad_inputs_fail_clearly_and_write_nothing(folder, tmp_path, capsys, video, reference, error, message):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for name in ("a.mp4", "a.png", "d.mp4"):
+        (inputs / name).write_bytes((folder / name).read_bytes())
+    (inputs / "notes.mp4").write_text("not a video\n")
+    Image.fromarray(skimage.data.coffee()).save(inputs / "coffee.png")
+    (inputs / "broken.png").write_bytes((folder / "a.png").read_bytes()[:500])
+    with pytest.raises(error, match=message):
+        evaluate_video(inputs / video, inputs / reference, backend=BACKEND, num_frames=2)
+    out = tmp_path / "results" / "scores.json"
+    assert (
+        main(
+            ["eval", str(inputs / video), "--reference", str(inputs / reference), "--backend", BACKEND, "-o", str(out)]
+        )
+        == 1
+    )
+    captured = capsys.readouterr()
+    assert message in captured.err and "Traceback" not in captured.err
+    assert not (tmp_path / "results").exists()
+
+
+def test_cli_usage_errors(folder, capsys):
+    assert main(["eval", str(folder / "a.mp4")]) == 2
+    assert "--reference is required" in capsys.readouterr().err
+    assert main(["eval"]) == 2
+    assert "either a video" in capsys.readouterr().err
