@@ -8,13 +8,14 @@ from standin.models.reference import (
     reference_rope,
     video_grid,
 )
-from standin.models.transformer import StandInTransformer
+from standin.models.transformer import StandInTransformer, cast_like_pretrained
 
 __all__ = [
     "DEFAULT_RANK",
     "ReferenceKV",
     "StandInAdapter",
     "StandInTransformer",
+    "cast_like_pretrained",
     "encode_reference",
     "install_reference_attention",
     "joint_reference_context",

@@ -18,6 +18,18 @@ from standin.models.reference import (
 )
 
 
+def cast_like_pretrained(transformer: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast to `dtype` but leave the modules diffusers keeps in float32 (RoPE tables, time embedder, norms and
+    modulation tables) as they are, as from_pretrained(torch_dtype=...) does."""
+    keep = set(transformer._keep_in_fp32_modules or [])
+    for module_name, module in transformer.named_modules():
+        tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        for name, tensor in tensors:
+            if tensor.is_floating_point() and not keep & set(f"{module_name}.{name}".split(".")):
+                tensor.data = tensor.data.to(dtype)
+    return transformer
+
+
 class StandInTransformer(nn.Module):
     def __init__(self, transformer: nn.Module, adapter: StandInAdapter | None = None, rank: int = DEFAULT_RANK):
         super().__init__()
