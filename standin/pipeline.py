@@ -77,6 +77,22 @@ class StandInPipeline(WanPipeline):
         install_reference_attention(transformer)
         self.adapters[expert] = adapter.to(transformer.patch_embedding.weight.device)
 
+    def to(self, *args, **kwargs):
+        """Move the pipeline as diffusers does, and each adapter with its expert (adapters stay float32)."""
+        super().to(*args, **kwargs)
+        for name, adapter in self.adapters.items():
+            adapter.to(self._experts()[name].patch_embedding.weight.device)
+        return self
+
+    def _prepare_expert(self, name: str) -> None:
+        """The reference pass calls the expert's submodules directly, not its forward: trigger the offload hook that
+        forward would (enable_model_cpu_offload) and bring the adapter to the execution device."""
+        model = self._experts()[name]
+        hook = getattr(model, "_hf_hook", None)
+        if hook is not None:
+            hook.pre_forward(model)
+        self.adapters[name].to(model.patch_embedding.weight.device)
+
     def load_standin_adapter(self, path, path_2=None) -> None:
         """Load the Stand-In adapter file(s): one for Wan2.1; for Wan2.2 the high-noise file (for `transformer`)
         then the low-noise file (for `transformer_2`)."""
@@ -240,14 +256,18 @@ class StandInPipeline(WanPipeline):
                 self.adapters[name].attention == "restricted" for name in experts)
             if use_cache:
                 for name, model in experts.items():
-                    kv = encode_reference(model, self.adapters[name], reference_latents.to(model.dtype), grid)
+                    self._prepare_expert(name)
+                    latents_for_model = reference_latents.to(model.device, model.dtype)
+                    kv = encode_reference(model, self.adapters[name], latents_for_model, grid)
                     stack.enter_context(reference_context(model, kv))
 
             def reference_for(model):
                 if reference is None or use_cache:
                     return contextlib.nullcontext()
-                adapter = self.adapters["transformer" if model is experts["transformer"] else "transformer_2"]
-                latents_for_model = reference_latents.to(model.dtype)
+                name = "transformer" if model is experts["transformer"] else "transformer_2"
+                self._prepare_expert(name)
+                adapter = self.adapters[name]
+                latents_for_model = reference_latents.to(model.device, model.dtype)
                 if adapter.attention == "vanilla":
                     return joint_reference_context(model, adapter, latents_for_model, grid)
                 return reference_context(model, encode_reference(model, adapter, latents_for_model, grid))
