@@ -7,11 +7,18 @@ import sys
 # Each module defines add_parser(subparsers) and sets `func` on the parser it adds.
 SUBCOMMAND_MODULES = (
     "standin.commands",
+    "standin.bench",
     "standin.preprocess.cli",
     "standin.eval.cli",
     "standin.train.cli",
     "standin.mini.cli",
 )
+
+
+def fail(message: str, status: int = 1) -> int:
+    """Expected bad input: one line on stderr and an exit status (1; 2 for usage, as argparse), no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    return status
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,11 +2,11 @@
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 from standin.checkpoint import AdapterFileError, convert
+from standin.cli import fail
 
 
 def add_parser(subparsers) -> None:
@@ -39,12 +39,6 @@ def add_parser(subparsers) -> None:
     converter.add_argument("source")
     converter.add_argument("-o", "--output", required=True, help="output .safetensors")
     converter.set_defaults(func=run_convert)
-
-
-def _fail(message: str) -> int:
-    """Expected bad input: a message, exit status 1 (argparse uses 2 for usage errors), no traceback."""
-    print(f"error: {message}", file=sys.stderr)
-    return 1
 
 
 def run_generate(args) -> int:
@@ -83,7 +77,7 @@ def run_generate(args) -> int:
             batch_guidance=not args.sequential_guidance, **sizes, **extra,
         )
     except (OSError, ValueError, AdapterFileError) as error:
-        return _fail(str(error))
+        return fail(str(error))
     frames = result.frames[0]
     save_video(frames, output, fps=args.fps)
     save_image(contact_sheet(frames), sheet_path)
@@ -96,6 +90,6 @@ def run_convert(args) -> int:
     try:
         summary = convert(args.source, args.output)
     except (OSError, AdapterFileError) as error:
-        return _fail(str(error))
+        return fail(str(error))
     print(json.dumps({"output": args.output, **summary}))
     return 0

@@ -1,11 +1,11 @@
 """`standin eval`: identity and motion metrics of one video, or of a folder / CSV of (video, reference) pairs."""
 
 import json
-import sys
 from pathlib import Path
 
 from standin.eval.batch import EXPECTED_ERRORS, evaluate_pairs, find_pairs, format_table, read_pairs_csv
 from standin.eval.metrics import DEFAULT_NUM_FRAMES, evaluate_video
+from standin.cli import fail
 from standin.faces import FaceModelError
 from standin.io import save_text
 
@@ -32,16 +32,13 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     if args.frames < 1:
-        print(f"error: --frames must be at least 1, got {args.frames}", file=sys.stderr)
-        return 2
+        return fail(f"--frames must be at least 1, got {args.frames}", status=2)
     if (args.video is None) == (args.pairs is None):
-        print("error: give either a video / folder or --pairs CSV", file=sys.stderr)
-        return 2
+        return fail("give either a video / folder or --pairs CSV", status=2)
     try:
         if args.pairs is None and not Path(args.video).is_dir():
             if args.reference is None:
-                print("error: --reference is required for a single video", file=sys.stderr)
-                return 2
+                return fail("--reference is required for a single video", status=2)
             scores = evaluate_video(args.video, args.reference, backend=args.backend, num_frames=args.frames)
             text = json.dumps({"video": args.video, "reference": args.reference, **scores.to_dict()}, indent=2)
             print(text)
@@ -53,6 +50,5 @@ def run(args) -> int:
         if args.output:
             save_text(text + "\n", args.output)
     except (*EXPECTED_ERRORS, FaceModelError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return fail(str(e))
     return 0

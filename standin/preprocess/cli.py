@@ -1,8 +1,8 @@
 """`standin preprocess IMG -o OUT.png`: the reference crop the pipeline uses, written atomically."""
 
 import json
-import sys
 
+from standin.cli import fail
 from standin.faces import FaceModelError
 from standin.io import save_image
 from standin.preprocess.io import ImageLoadError
@@ -38,8 +38,7 @@ def run(args) -> int:
         result = preprocess_reference(args.image, backend=args.backend, size=args.size, background=args.background)
         save_image(result.image, args.output)
     except (ImageLoadError, FaceModelError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return fail(str(e))
     if args.json:
         face = result.face
         print(

@@ -1,0 +1,385 @@
+"""Training Stand-In adapters on a frozen Wan base (SPEC sections 5 and 9).
+
+Objective (flow matching, as the sampler expects): x_t = (1 - sigma) x0 + sigma * noise, the model regresses
+the velocity noise - x0 with a plain MSE, timestep = 1000 * sigma. sigma = shift(u) = s*u / (1 + (s-1)*u) with
+s = 5, the sampler's own shift, and u ~ U(0, 1) by default: the sampler visits sigma_i = shift(1 - i/N), i.e.
+u uniform, so training sees the noise levels at which the adapter will be used, weighted as sampling visits
+them (half of them above sigma 0.83, where layout and identity are decided). `logit_normal` (u = sigmoid(z),
+z ~ N(0, 1), as SD3 trains) is the alternative that favours the middle levels.
+
+Only the reference LoRAs train; the base is frozen bit for bit. One process or many (accelerate: DDP, or
+FSDP2 sharding with --fsdp, see parallel.py). What a step computes depends only on the config and the step
+(see data.py), so interrupting and resuming a run gives exactly the uninterrupted run's adapter.
+"""
+
+import dataclasses
+import json
+import logging
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from standin.checkpoint import load_adapter, save_adapter
+from standin.io import save_text
+from standin.models import StandInAdapter, StandInTransformer
+from standin.train import checkpoints, parallel
+from standin.train.config import MINI_CLIP, MINI_FPS, TrainConfig
+from standin.train.data import (
+    MINI,
+    PreparedDataset,
+    PromptEncoder,
+    SampleStream,
+    StepBatches,
+    mini_dataset,
+    position_seed,
+    vae_latents,
+)
+from standin.train.validation import encode_case_prompts, face_backend, run_validation, validation_cases
+
+logger = logging.getLogger("standin.train")
+
+
+def shifted_sigma(u: torch.Tensor, shift: float) -> torch.Tensor:
+    return shift * u / (1 + (shift - 1) * u)
+
+
+class Trainer:
+    """Set up from a TrainConfig (resuming the run in config.output if asked), then `train()`."""
+
+    def __init__(self, config: TrainConfig, accelerator: Accelerator | None = None):
+        self.config = config
+        if accelerator is None:
+            cuda = torch.cuda.is_available()
+            precision = config.mixed_precision or ("bf16" if cuda else "no")
+            accelerator = Accelerator(mixed_precision=precision, cpu=not cuda)
+        self.accelerator = accelerator
+        self.device = accelerator.device
+        self.is_main = accelerator.is_main_process
+        self.run_dir = Path(config.output)
+        self._check_config()
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+
+        global_batch = config.batch_size * accelerator.num_processes * config.grad_accum
+        self.defining = config.defining(global_batch)
+        self.resumed_from = self._resume_folder()
+        state = checkpoints.read_training_state(self.resumed_from) if self.resumed_from else None
+        if state is not None:
+            self._check_unchanged(state["config"])
+        self.start_step = state["step"] if state else 0
+        self._load_models()
+        self._load_data()
+        self._build_optimizer(state)
+
+    # ---- setup ----------------------------------------------------------------------------------------------
+    def _check_config(self) -> None:
+        c = self.config
+        for name in ("steps", "batch_size", "grad_accum", "rank", "checkpoint_every", "keep_checkpoints"):
+            if getattr(c, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(c, name)}")
+        if c.timestep_sampling not in ("uniform", "logit_normal"):
+            raise ValueError(f"timestep_sampling must be uniform or logit_normal, got {c.timestep_sampling!r}")
+        if not c.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive, got {c.max_grad_norm}")
+        if c.fsdp and self.accelerator.num_processes < 2:
+            raise ValueError("--fsdp shards the model over processes: launch two or more (accelerate launch)")
+
+    def _resume_folder(self) -> Path | None:
+        latest = checkpoints.latest_checkpoint(self.run_dir)
+        if latest is not None and not self.config.resume:
+            raise FileExistsError(f"{self.run_dir} already holds a run (checkpoint {latest.name}); pass --resume to "
+                                  "continue it, or choose another output folder")
+        return latest if self.config.resume else None
+
+    def _check_unchanged(self, saved: dict) -> None:
+        changed = {k: (saved.get(k), v) for k, v in self.defining.items() if saved.get(k) != v}
+        if changed:
+            raise ValueError("--resume with settings that change what the run computes: "
+                             + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+
+    def _load_models(self) -> None:
+        from standin.loading import load_pipeline
+
+        c = self.config
+        dtype = torch.bfloat16 if self.accelerator.mixed_precision == "bf16" else torch.float32
+        # Loaded on the CPU and placed piece by piece: a sharded base never has to fit on one GPU whole.
+        self.pipe = load_pipeline(c.base, device="cpu", dtype=dtype)
+        self.pipe.set_progress_bar_config(disable=True)
+        if getattr(self.pipe, "transformer_2", None) is not None:
+            raise ValueError("this base has two experts (Wan2.2); training supports one-transformer bases (Wan2.1)")
+        torch.manual_seed(c.seed)  # the same initial adapter in every process (FSDP does not broadcast it)
+        if self.resumed_from is not None:
+            adapter = load_adapter(self.resumed_from / checkpoints.ADAPTER_FILE, self.pipe.transformer)
+        else:
+            adapter = StandInAdapter.for_transformer(self.pipe.transformer, c.rank, attention=c.attention,
+                                                     positions=c.positions)
+        model = StandInTransformer(self.pipe.transformer, adapter=adapter).freeze_base()
+        if c.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        if c.fsdp:
+            parallel.shard_model(model, self.device)
+            self.wrapped = model
+        else:
+            model.to(self.device)
+            self.wrapped = self.accelerator.prepare(model)  # DistributedDataParallel with several processes
+        self.model = model
+        self.pipe.set_standin_adapter(model.adapter)  # validation generates with the live adapter
+        self.pipe.vae.to(self.device)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def _load_data(self) -> None:
+        c = self.config
+        reference_size = self.pipe.config.reference_size
+        self.fps = MINI_FPS
+        if c.data == MINI:
+            frames, height, width = c.frames or MINI_CLIP[0], c.height or MINI_CLIP[1], c.width or MINI_CLIP[2]
+            dataset = mini_dataset("train", c.mini_length, frames, height, width, reference_size)
+            self.pre_encoded = False
+        else:
+            dataset = PreparedDataset(c.data, reference_size)
+            settings = dataset.settings
+            frames, height, width = (c.frames or settings["num_frames"], c.height or settings["height"],
+                                     c.width or settings["width"])
+            self.fps = settings["fps"]
+            self.pre_encoded = dataset.encoded_with is not None
+            if self.pre_encoded:
+                self._check_encoded(dataset.encoded_with)
+        self.clip_size = (frames, height, width)
+        self.dataset_size = len(dataset)
+
+        # The text encoder runs every step only for pixel data. For pre-encoded data it stays on the CPU, encodes
+        # the validation prompts once and is dropped (11 GB for Wan's UMT5-XXL).
+        if not self.pre_encoded:
+            self.pipe.text_encoder.to(self.device)
+        self.prompts = PromptEncoder(self.pipe, self.pipe.text_encoder.device)
+
+        self.batches = StepBatches(c.batch_size, self.accelerator.num_processes, self.accelerator.process_index,
+                                   c.grad_accum, self.start_step, c.steps)
+        self.loader = torch.utils.data.DataLoader(
+            SampleStream(dataset, c.seed), batch_sampler=self.batches, num_workers=c.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+
+        self.val_cases, self.face_backend = [], None
+        if c.val_count > 0:
+            val_data = c.val_data or c.data
+            self.val_cases = validation_cases(val_data, c.val_count, reference_size, self.clip_size)
+            encode_case_prompts(self.val_cases, self.prompts)
+            if self.is_main:
+                self.face_backend = face_backend(c.face_backend, val_data)
+        if self.pre_encoded:
+            self.pipe.register_modules(text_encoder=None)
+            self.prompts = None
+
+    def _check_encoded(self, encoded_with: dict) -> None:
+        config = self.pipe.transformer.config
+        expected = {"latent_channels": config.in_channels, "text_dim": config.text_dim,
+                    "reference_size": self.pipe.config.reference_size}
+        wrong = {k: (encoded_with.get(k), v) for k, v in expected.items() if encoded_with.get(k) != v}
+        if wrong:
+            raise ValueError(f"{self.config.data} was pre-encoded with {encoded_with.get('base')}, which does not fit "
+                             f"this base ({', '.join(f'{k}: {a} there, {b} here' for k, (a, b) in wrong.items())})")
+
+    def _build_optimizer(self, state: dict | None) -> None:
+        c = self.config
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=c.lr, weight_decay=c.weight_decay)
+        self.lr_scheduler = get_scheduler(c.lr_scheduler, self.optimizer, num_warmup_steps=c.warmup_steps,
+                                          num_training_steps=c.steps)
+        if state is None:
+            return
+        parallel.load_optimizer_state(self.model, self.optimizer, state["optimizer"], sharded=c.fsdp)
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        checkpoints.restore_rng_states(state["rng"])
+
+    # ---- one step -------------------------------------------------------------------------------------------
+    def model_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(clean latents x0 in float32, prompt embeddings, reference latents), on the training device."""
+        if "latents" in batch:
+            return (batch["latents"].to(self.device, torch.float32), batch["prompt_embeds"].to(self.device),
+                    batch["reference_latents"].to(self.device))
+        latents = vae_latents(self.pipe.vae, batch["video"]).to(self.device, torch.float32)
+        return latents, self.prompts(batch["prompt"]).to(self.device), vae_latents(self.pipe.vae, batch["reference"])
+
+    def noise_and_sigma(self, shape, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sample's noise and noise level from its own generator (data.py: seeded by its stream position)."""
+        c = self.config
+        noise, u = [], []
+        for position in positions:
+            generator = torch.Generator().manual_seed(position_seed(c.seed, position))
+            draw = torch.rand((), generator=generator)
+            if c.timestep_sampling == "logit_normal":
+                draw = torch.sigmoid(torch.randn((), generator=generator))
+            u.append(draw)
+            noise.append(torch.randn(shape, generator=generator))
+        return torch.stack(noise).to(self.device), shifted_sigma(torch.stack(u), c.shift).to(self.device)
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        latents, prompt_embeds, reference_latents = self.model_inputs(batch)
+        noise, sigma = self.noise_and_sigma(latents.shape[1:], batch["position"].tolist())
+        s = sigma.view(-1, 1, 1, 1, 1)
+        noisy, target = (1 - s) * latents + s * noise, noise - latents
+        dtype = self.model.transformer.dtype
+        with self.accelerator.autocast():
+            prediction = self.wrapped(noisy.to(dtype), sigma * 1000, prompt_embeds.to(dtype),
+                                      reference_latents=reference_latents.to(dtype))[0]
+        return F.mse_loss(prediction.float(), target)
+
+    def train_step(self, batches) -> dict:
+        """One optimizer step over grad_accum micro-batches; the loss is the mean over the global batch."""
+        c = self.config
+        total = torch.zeros((), device=self.device)
+        for micro in range(c.grad_accum):
+            batch = next(batches)
+            # DDP reduces gradients on the last micro-step only; FSDP reduce-scatters every one (sharded sums).
+            sync = c.fsdp or micro == c.grad_accum - 1
+            with nullcontext() if sync else self.accelerator.no_sync(self.wrapped):
+                loss = self.loss(batch)
+                self.accelerator.backward(loss / c.grad_accum)
+            total += loss.detach()
+        grad_norm = self.accelerator.clip_grad_norm_(self.trainable, c.max_grad_norm)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.accelerator.reduce(total / c.grad_accum, reduction="mean")
+        if isinstance(grad_norm, parallel.DTensor):
+            grad_norm = grad_norm.full_tensor()
+        return {"loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr}
+
+    # ---- checkpoints and validation -------------------------------------------------------------------------
+    def save_checkpoint(self, step: int) -> None:
+        adapter_state = parallel.full_state_dict(self.model.adapter)  # collectives: every process takes part
+        optimizer_state = parallel.optimizer_state(self.model, self.optimizer)
+        if self.is_main:
+            training_state = {
+                "step": step, "optimizer": optimizer_state, "lr_scheduler": self.lr_scheduler.state_dict(),
+                "rng": checkpoints.rng_states(), "config": self.defining,
+                "data": {"samples_seen": step * self.batches.global_batch, "dataset_size": self.dataset_size},
+            }
+            adapter = self.model.adapter
+            metadata = {"base": self.config.base, "data": self.config.data, "attention": adapter.attention,
+                        "positions": adapter.positions}
+            folder = checkpoints.write_checkpoint(self.run_dir, step, adapter_state, training_state, metadata,
+                                                  self.config.keep_checkpoints)
+            if step == self.config.steps:
+                save_adapter(adapter_state, self.run_dir / checkpoints.ADAPTER_FILE, {**metadata, "step": str(step)})
+            logger.info("checkpoint %s", folder)
+        self.accelerator.wait_for_everyone()
+
+    def validate(self, step: int) -> list[dict]:
+        """Every process generates (a sharded model needs them all); the main process saves and measures."""
+        c = self.config
+        folder = self.run_dir / "validation" / f"step-{step:07d}" if self.is_main else None
+        frames, height, width = self.clip_size
+        results = run_validation(self.pipe, self.val_cases, folder, height=height, width=width, num_frames=frames,
+                                 steps=c.val_steps, guidance=c.val_guidance, seed=c.seed, fps=self.fps,
+                                 backend=self.face_backend)
+        if self.is_main:
+            logger.info("validation at step %d: %s", step, json.dumps(results))
+        self.accelerator.wait_for_everyone()
+        return results
+
+    # ---- the run --------------------------------------------------------------------------------------------
+    def _metrics_file(self) -> Path:
+        """metrics.jsonl, without the records of steps a previous session did after its last checkpoint."""
+        path = self.run_dir / "metrics.jsonl"
+        kept = []
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # the line a kill cut short
+                    continue
+                if record["step"] <= self.start_step:
+                    kept.append(line + "\n")
+        save_text("".join(kept), path)
+        return path
+
+    def _log_to_file(self) -> logging.Handler:
+        handler = logging.FileHandler(self.run_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        return handler
+
+    def train(self) -> dict | None:
+        """Run to config.steps; the report on the main process, None on the others."""
+        c = self.config
+        metrics, log_handler = None, self._log_to_file() if self.is_main else None
+        try:
+            if self.resumed_from is not None:
+                logger.info("resumed from %s at step %d", self.resumed_from, self.start_step)
+            logger.info("config %s; %d processes, global batch %d, %d clips%s", json.dumps(dataclasses.asdict(c)),
+                        self.accelerator.num_processes, self.batches.global_batch, self.dataset_size,
+                        " (pre-encoded)" if self.pre_encoded else "")
+            metrics = self._metrics_file().open("a") if self.is_main else None
+            batches = iter(self.loader)
+            bar = tqdm(total=c.steps, initial=self.start_step, desc="train", unit="step", dynamic_ncols=True,
+                       disable=not (self.is_main and c.progress))
+            losses, validation, started = [], None, time.perf_counter()
+            for step in range(self.start_step, c.steps):
+                tick = time.perf_counter()
+                record = {"step": step + 1, **self.train_step(batches)}
+                record["seconds"] = time.perf_counter() - tick
+                losses.append(record["loss"])
+                if metrics is not None:
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                    logger.info("step %(step)d loss %(loss).6f grad_norm %(grad_norm).4f lr %(lr).3g "
+                                "%(seconds).3fs", record)
+                bar.update()
+                bar.set_postfix(loss=f"{record['loss']:.4f}", s_per_step=f"{record['seconds']:.2f}")
+                done = step + 1
+                if done % c.checkpoint_every == 0 or done == c.steps:
+                    self.save_checkpoint(done)
+                if self.val_cases and (done == c.steps or (c.validate_every and done % c.validate_every == 0)):
+                    validation = self.validate(done)
+            bar.close()
+            seconds = time.perf_counter() - started
+            report = self.report(losses, validation, seconds)
+            if self.is_main:
+                text = json.dumps(report, indent=2)
+                save_text(text, self.run_dir / "report.json")
+                logger.info("report: %s", text)
+            return report if self.is_main else None
+        finally:
+            if metrics is not None:
+                metrics.close()
+            if log_handler is not None:
+                logger.removeHandler(log_handler)
+                log_handler.close()
+
+    def report(self, losses: list[float], validation: list[dict] | None, seconds: float) -> dict:
+        c, steps = self.config, len(losses)
+        tail = losses[-max(1, steps // 10):] if losses else []
+        report = {
+            "run_dir": str(self.run_dir),
+            "adapter": str(self.run_dir / checkpoints.ADAPTER_FILE),
+            "steps": c.steps,
+            "resumed_from_step": self.start_step if self.resumed_from else None,
+            "processes": self.accelerator.num_processes,
+            "global_batch": self.batches.global_batch,
+            "samples_seen": c.steps * self.batches.global_batch,
+            "dataset_size": self.dataset_size,
+            "pre_encoded": self.pre_encoded,
+            "trainable_parameters": sum(p.numel() for p in self.trainable),
+            "loss_first": losses[0] if losses else None,
+            "loss_last": losses[-1] if losses else None,
+            "loss_mean_last_10pct": sum(tail) / len(tail) if tail else None,
+            "seconds": round(seconds, 2),
+            "steps_per_second": round(steps / seconds, 3) if steps else None,
+            "validation": validation,
+        }
+        if torch.cuda.is_available():
+            report["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        return report
+
+
+def train(config: TrainConfig, accelerator: Accelerator | None = None) -> dict | None:
+    return Trainer(config, accelerator).train()

@@ -1,0 +1,110 @@
+"""Validation during training: generate with the adapter as it is now, save the videos, measure FaceSim.
+
+Generation is the inference pipeline itself (StandInPipeline.__call__ with the live adapter), so a validation
+video is exactly what `standin generate` would make from the checkpoint written at the same step.
+"""
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+
+from standin.io import save_image, save_text
+from standin.pipeline import WAN_NEGATIVE_PROMPT
+from standin.train.data import MINI, PreparedDataset, mini_dataset, tensor_to_image
+from standin.video import contact_sheet, save_video
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ValidationCase:
+    reference: PIL.Image.Image  # square, already preprocessed (face crop on white)
+    prompt: str
+    prompt_embeds: torch.Tensor | None = None  # [1, L, D], encoded once when the run starts
+    negative_prompt_embeds: torch.Tensor | None = None
+
+
+def validation_cases(data: str, count: int, reference_size: int,
+                     clip_size: tuple[int, int, int]) -> list[ValidationCase]:
+    """The first `count` clips of a prepared dataset, or of the mini world's held-out identities ("mini")."""
+    if data == MINI:
+        num_frames, height, width = clip_size
+        dataset = mini_dataset("test", count, num_frames, height, width, reference_size)
+        items = [dataset[i] for i in range(count)]
+        return [ValidationCase(tensor_to_image(item["reference"]), item["prompt"]) for item in items]
+    dataset = PreparedDataset(data, reference_size, use_latents=False)
+    return [ValidationCase(dataset.reference_image(i), dataset.clips[i]["caption"])
+            for i in range(min(count, len(dataset)))]
+
+
+def encode_case_prompts(cases: list[ValidationCase], prompts) -> None:
+    """Text embeddings of every case (and of Wan's negative prompt) up front: the text encoder may leave after."""
+    negative = prompts.encode(WAN_NEGATIVE_PROMPT)[None]
+    for case in cases:
+        case.prompt_embeds, case.negative_prompt_embeds = prompts.encode(case.prompt)[None], negative
+
+
+def face_backend(name: str | None, data: str):
+    """None (no FaceSim), or a standin.faces backend. "auto" is the mini world's recogniser for mini data and the
+    offline dlib default otherwise, or None with a warning when that one is not installed; a backend asked for by
+    name must load."""
+    if name in (None, "none"):
+        return None
+    try:
+        if name == "mini" or (name == "auto" and data == MINI):
+            from standin.mini.identity import MiniFaceBackend
+
+            return MiniFaceBackend()
+        from standin.faces import get_backend
+
+        return get_backend(None if name == "auto" else name)
+    except (ImportError, OSError, RuntimeError) as error:
+        if name != "auto":
+            raise
+        logger.warning("validation without FaceSim: no face backend (%s)", error)
+        return None
+
+
+def face_similarity(frames: np.ndarray, reference: PIL.Image.Image, backend) -> dict:
+    """FaceSim and face rate of one video (standin.eval), or why it could not be measured."""
+    try:
+        from standin.eval import evaluate_video
+
+        scores = evaluate_video(frames, reference, backend=backend)
+    except Exception as error:  # a metric must never end a training run (no face in the reference, model missing)
+        return {"face_sim": None, "error": f"{type(error).__name__}: {error}"}
+    return {"face_sim": scores.face_sim, "face_rate": scores.face_rate}
+
+
+def run_validation(pipe, cases: list[ValidationCase], folder: Path | None, *, height: int, width: int,
+                   num_frames: int, steps: int, guidance: float, seed: int, fps: int, backend) -> list[dict]:
+    """Generate every case (every process must call this when the model is sharded); the main process passes
+    the output `folder` and gets the results, the others pass None and only take part in the computation."""
+    results = []
+    for number, case in enumerate(cases):
+        frames = pipe(
+            prompt_embeds=case.prompt_embeds, negative_prompt_embeds=case.negative_prompt_embeds,
+            reference_image=case.reference, preprocess_reference=False, height=height, width=width,
+            num_frames=num_frames, num_inference_steps=steps, guidance_scale=guidance,
+            generator=torch.Generator().manual_seed(seed + number), output_type="np",
+        ).frames[0]
+        if folder is None:
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = folder / f"case-{number:02d}"
+        save_video(frames, stem.with_suffix(".mp4"), fps=fps)
+        save_image(contact_sheet(frames), stem.with_name(stem.name + "-sheet.png"))
+        save_image(case.reference, stem.with_name(stem.name + "-reference.png"))
+        result = {"case": number, "prompt": case.prompt, "video": str(stem.with_suffix(".mp4"))}
+        if backend is not None:
+            result.update(face_similarity((np.clip(frames, 0, 1) * 255).round().astype(np.uint8), case.reference,
+                                          backend))
+        results.append(result)
+    if folder is not None:
+        save_text(json.dumps(results, indent=2), folder / "results.json")
+    return results
