@@ -7,8 +7,8 @@ in one batch of 2) and per whole generation of N steps:
 - cached:    Stand-In, reference keys/values computed once per generation (the reference pass counted once)
 - uncached:  Stand-In, reference stream recomputed in every forward (what the official code does)
 next to the floor from counting operations: video queries over the extra reference keys, plus the one-time
-reference pass. Peak memory: CUDA's allocator peak per variant; on CPU the peak RSS of a fresh process per
-variant. Prints a table and writes JSON.
+reference pass. Peak memory: CUDA's allocator peak per variant; on CPU the peak resident memory a fresh
+process per variant adds while it runs, over the loaded model. Prints a table and writes JSON.
 
     standin bench --config tiny medium --json overhead.json                   # CPU
     standin bench --config real --layers 8 --device cuda --dtype bf16 --fp8    # GPU, 14B layer sizes
@@ -18,13 +18,14 @@ variant. Prints a table and writes JSON.
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 
+import psutil
 import torch
 
 from standin.io import save_text
@@ -193,16 +194,31 @@ def benchmark(args, config: str) -> Result:
 
 
 def worker(args) -> None:
-    """Runs one variant once in this fresh process and prints its peak RSS in MB."""
+    """Runs one variant once in this fresh process and prints the peak of its resident memory above what the
+    loaded model and inputs already held, in MB (sampled every millisecond: the high-water mark of the process
+    would be set by the imports, not by the run)."""
     model, latents, reference, text = build(args.config[0], args.layers, torch.device("cpu"), DTYPES[args.dtype],
                                             args.fp8)
+    process = psutil.Process()
+    baseline = peak = process.memory_info().rss
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.wait(0.001):
+            peak = max(peak, process.memory_info().rss)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
     run_variant(args.worker, model, latents, reference, text, args.steps, torch.device("cpu"))
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    done.set()
+    sampler.join()
+    print((max(peak, process.memory_info().rss) - baseline) / 2**20)
 
 
 def print_table(results) -> None:
     print(f"{'config':8} {'tokens v+r':>12} {'base/step':>10} {'cached':>9} {'uncached':>9} {'floor':>8} "
-          f"{'cached/floor':>12} {'gen cached':>10} {'gen uncached':>12} {'peak MB b/c/u':>20}")
+          f"{'cached/floor':>12} {'gen cached':>10} {'gen uncached':>12} {'peak +MB b/c/u':>20}")
     for r in results:
         memory = "-" if r.peak_memory_base_mb is None else (
             f"{r.peak_memory_base_mb:.0f}/{r.peak_memory_cached_mb:.0f}/{r.peak_memory_uncached_mb:.0f}")
