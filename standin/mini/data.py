@@ -1,0 +1,234 @@
+"""Mini-world training data: clips that follow their prompt, references, splits, degradations, a Dataset.
+
+Splits (fixed, by construction):
+- identities: ids [0, HELDOUT_IDENTITIES) are held out ("test"); ids from HELDOUT_IDENTITIES up are "train".
+- prompts: one (action, place, time) combination in six is held out (prompts.prompt_split).
+Everything is generated on the fly from integers: the same (identity, prompt, seed) gives the same clip.
+"""
+
+from dataclasses import dataclass
+from io import BytesIO
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+
+from standin.mini import world
+from standin.mini.prompts import Prompt, parse_prompt, sample_prompt
+
+HELDOUT_IDENTITIES = 10_000
+MAX_ZOOM = 2.0  # the largest camera zoom of a clip; backgrounds are drawn this much sharper for it
+
+
+def identity_split(identity_id: int) -> str:
+    return "test" if identity_id < HELDOUT_IDENTITIES else "train"
+
+
+def split_identity(split: str, k: int) -> int:
+    """The k-th identity id of a split (ids are already scattered over the attributes, so order is harmless)."""
+    if split == "test":
+        if not 0 <= k < HELDOUT_IDENTITIES:
+            raise ValueError(f"the test split has {HELDOUT_IDENTITIES} identities, asked for number {k}")
+        return k
+    if split == "train":
+        return HELDOUT_IDENTITIES + k
+    raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Clips.
+
+
+@dataclass
+class Clip:
+    frames: np.ndarray  # [T, H, W, 3] uint8
+    boxes: np.ndarray  # [T, 4] float32 face box x0, y0, x1, y1 in pixels
+    landmarks: np.ndarray  # [T, 5, 2] float32
+    masks: np.ndarray  # [T, H, W] float32 character coverage
+    poses: list[world.Pose]  # what was drawn in each frame (position and scale after the camera's zoom)
+    prompt: Prompt
+    identity_id: int
+
+
+def _smoothstep(t):
+    return t * t * (3 - 2 * t)
+
+
+def action_poses(action: str, num_frames: int, rng: np.random.Generator) -> tuple[list[world.Pose], np.ndarray]:
+    """The character's pose in each frame and the camera zoom (1 = none) that act out `action`."""
+    t = np.linspace(0, 1, num_frames)
+    x = np.full(num_frames, rng.uniform(0.42, 0.58))
+    y = np.full(num_frames, rng.uniform(0.4, 0.5))
+    scale = np.full(num_frames, rng.uniform(0.3, 0.4))
+    yaw = np.full(num_frames, rng.uniform(-0.15, 0.15))
+    pitch = np.full(num_frames, rng.uniform(-0.1, 0.1))
+    zoom = np.ones(num_frames)
+    wave = None
+    if action in ("walk_left", "walk_right"):
+        direction = -1 if action == "walk_left" else 1
+        x = rng.uniform(0.46, 0.54) + direction * rng.uniform(0.18, 0.22) * (2 * t - 1)
+        y = y - 0.02 * np.abs(np.sin(2 * np.pi * 2 * t))  # the bounce of the steps
+        yaw = np.full(num_frames, 0.35 * direction)  # facing where it goes
+    elif action == "jump":
+        y = np.full(num_frames, rng.uniform(0.5, 0.56))
+        scale = np.minimum(scale, 0.34)
+        y = y - rng.uniform(0.16, 0.22) * np.sin(np.pi * np.clip((t - 0.2) / 0.6, 0, 1))
+    elif action == "nod":
+        pitch = pitch + rng.uniform(0.75, 1.0) * (1 - np.cos(2 * np.pi * 2 * t)) / 2  # down and up, twice
+    elif action == "turn_head":
+        yaw = yaw + rng.choice([-1, 1]) * rng.uniform(0.75, 0.95) * np.sin(2 * np.pi * t)  # one side, then the other
+    elif action == "wave":
+        wave = rng.uniform(0, 2 * np.pi) + 2 * np.pi * rng.uniform(2, 3) * t
+    elif action in ("zoom_in", "zoom_out"):
+        x = np.full(num_frames, rng.uniform(0.45, 0.55))
+        y = np.full(num_frames, rng.uniform(0.42, 0.5))
+        scale = np.full(num_frames, rng.uniform(0.2, 0.27))
+        ramp = _smoothstep(t if action == "zoom_in" else 1 - t)
+        zoom = 1 + (rng.uniform(1.7, MAX_ZOOM) - 1) * ramp
+    elif action == "stand_still":
+        x = x + 0.004 * np.sin(2 * np.pi * t + rng.uniform(0, 6))
+    else:
+        raise ValueError(f"unknown action {action!r}")
+    mouth = str(rng.choice(["closed", "closed", "smile"]))
+    blink = int(rng.integers(0, num_frames)) if rng.random() < 0.5 else -1
+    poses = [world.Pose(x=0.5 + (x[k] - 0.5) * zoom[k], y=0.5 + (y[k] - 0.5) * zoom[k], scale=scale[k] * zoom[k],
+                        yaw=float(yaw[k]), pitch=float(pitch[k]), mouth=mouth, eyes_closed=k == blink,
+                        wave=None if wave is None else float(wave[k]))
+             for k in range(num_frames)]
+    return poses, zoom
+
+
+def _zoomed(view: np.ndarray, zoom: float, size: tuple[int, int]) -> np.ndarray:
+    """The central 1/zoom of `view` (drawn at MAX_ZOOM times the frame size), resized to the frame."""
+    height, width = view.shape[:2]
+    h, w = height / zoom, width / zoom
+    box = ((width - w) / 2, (height - h) / 2, (width + w) / 2, (height + h) / 2)
+    return np.asarray(Image.fromarray(view).resize((size[1], size[0]), Image.BILINEAR, box=box))
+
+
+def make_clip(identity_id: int, prompt: Prompt | str, num_frames: int = 17, size: tuple[int, int] = (64, 64),
+              seed: int = 0) -> Clip:
+    """A clip of `identity_id` acting out `prompt`; `seed` varies everything the prompt leaves open."""
+    prompt = parse_prompt(prompt) if isinstance(prompt, str) else prompt
+    ident = world.identity(identity_id)
+    if prompt.who not in ("person", ident.who):
+        raise ValueError(f"identity {identity_id} is drawn as '{ident.who}', the prompt says '{prompt.who}'")
+    rng = np.random.default_rng([seed, identity_id, 0])
+    poses, zoom = action_poses(prompt.action, num_frames, rng)
+    light = world.time_light(prompt.time, rng)
+    layout = int(rng.integers(0, 2**31))
+    if np.all(zoom == 1):
+        views = [world.background(prompt.place, prompt.time, size, layout)] * num_frames
+    else:
+        view = world.background(prompt.place, prompt.time, (int(size[0] * MAX_ZOOM), int(size[1] * MAX_ZOOM)), layout)
+        views = [_zoomed(view, z, size) for z in zoom]
+    renders = [world.render(ident, pose, light, bg, size) for pose, bg in zip(poses, views)]
+    return Clip(frames=np.stack([r.image for r in renders]), boxes=np.stack([r.box for r in renders]),
+                landmarks=np.stack([r.landmarks for r in renders]), masks=np.stack([r.mask for r in renders]),
+                poses=poses, prompt=prompt, identity_id=identity_id)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# References.
+
+
+def crop_reference(image: np.ndarray, box, size: int, mask: np.ndarray | None = None) -> np.ndarray:
+    """SPEC section 6 on a known face: everything outside `mask` painted white, a square of side 1.5x the
+    longer box side centred on the box (the part outside the image white), resized to size x size (area)."""
+    if mask is not None:
+        image = (image * mask[..., None] + 255.0 * (1 - mask[..., None]) + 0.5).astype(np.uint8)
+    x0, y0, x1, y1 = (float(v) for v in box)
+    side = 1.5 * max(x1 - x0, y1 - y0)
+    left, top = round((x0 + x1) / 2 - side / 2), round((y0 + y1) / 2 - side / 2)
+    side = round(side)
+    height, width = image.shape[:2]
+    square = Image.new("RGB", (side, side), (255, 255, 255))
+    inside = (max(left, 0), max(top, 0), min(left + side, width), min(top + side, height))
+    square.paste(Image.fromarray(image).crop(inside), (inside[0] - left, inside[1] - top))
+    return np.asarray(square.resize((size, size), Image.BOX))
+
+
+def make_reference(identity_id: int, size: int = 64, seed: int = 0) -> np.ndarray:
+    """A [size, size, 3] uint8 reference photo of `identity_id`: its own pose, light and scene (never a frame of
+    a clip), preprocessed like a real reference (crop around the face, background white)."""
+    rng = np.random.default_rng([seed, identity_id, 1])
+    photo = (128, 128)
+    pose = world.Pose(x=rng.uniform(0.4, 0.6), y=rng.uniform(0.4, 0.5), scale=rng.uniform(0.3, 0.45),
+                      yaw=rng.uniform(-0.4, 0.4), pitch=rng.uniform(-0.2, 0.2),
+                      mouth=str(rng.choice(["closed", "smile", "open"])))
+    time = str(rng.choice(world.TIMES))
+    scene = world.background(str(rng.choice(world.PLACES)), time, photo, int(rng.integers(0, 2**31)))
+    shot = world.render(world.identity(identity_id), pose, world.time_light(time, rng), scene, photo)
+    return crop_reference(shot.image, shot.box, size, shot.mask)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Imperfect frames: what a small generator's output looks like.
+
+
+@dataclass
+class Degradation:
+    blur: float = 1.0  # Gaussian blur radius in pixels
+    noise: float = 8.0  # Gaussian noise std in 0..255 units
+    jpeg: int = 50  # JPEG quality, 0 for none
+
+
+def random_degradation(rng: np.random.Generator) -> Degradation:
+    return Degradation(blur=rng.uniform(0, 1.6), noise=rng.uniform(0, 14),
+                       jpeg=int(rng.integers(20, 90)) if rng.random() < 0.6 else 0)
+
+
+def degrade(image: np.ndarray, degradation: Degradation, rng: np.random.Generator) -> np.ndarray:
+    """Blur, then add noise, then JPEG-compress an RGB uint8 image."""
+    out = Image.fromarray(image)
+    if degradation.blur > 0:
+        out = out.filter(ImageFilter.GaussianBlur(degradation.blur))
+    pixels = np.asarray(out, dtype=np.float32) + rng.normal(0, degradation.noise, image.shape).astype(np.float32)
+    out = Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8))
+    if degradation.jpeg:
+        buffer = BytesIO()
+        out.save(buffer, format="JPEG", quality=degradation.jpeg)
+        out = Image.open(buffer).convert("RGB")
+    return np.asarray(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dataset.
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """[T, H, W, 3] uint8 -> [3, T, H, W] float32 in [-1, 1], the layout of Wan's video VAE."""
+    return torch.from_numpy(np.ascontiguousarray(images.transpose(3, 0, 1, 2), dtype=np.float32) / 127.5 - 1.0)
+
+
+class MiniClipDataset(torch.utils.data.Dataset):
+    """Item i: dict(video [3, T, H, W], reference [3, 1, S, S] (both float32 in [-1, 1]), prompt str, identity int).
+
+    `split` picks identities and prompt combinations (`prompt_split` overrides the latter);
+    `num_identities` limits how many distinct identities the items cycle through.
+    """
+
+    def __init__(self, split: str = "train", length: int = 10_000, num_frames: int = 17,
+                 size: tuple[int, int] = (64, 64), reference_size: int = 64, num_identities: int | None = None,
+                 prompt_split: str | None = None, seed: int = 0):
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        limit = HELDOUT_IDENTITIES if split == "test" else world.NUM_IDENTITIES - HELDOUT_IDENTITIES
+        self.num_identities = min(num_identities or limit, limit)
+        self.split, self.prompt_split = split, prompt_split or split
+        self.length, self.num_frames, self.size, self.reference_size, self.seed = (
+            length, num_frames, tuple(size), reference_size, seed)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        rng = np.random.default_rng([self.seed, index, 2])
+        identity_id = split_identity(self.split, int(rng.integers(0, self.num_identities)))
+        prompt = sample_prompt(int(rng.integers(0, 2**31)), world.identity(identity_id), self.prompt_split)
+        clip = make_clip(identity_id, prompt, self.num_frames, self.size, seed=int(rng.integers(0, 2**31)))
+        reference = make_reference(identity_id, self.reference_size, seed=int(rng.integers(0, 2**31)))
+        return {"video": to_tensor(clip.frames), "reference": to_tensor(reference[None]), "prompt": str(prompt),
+                "identity": identity_id}

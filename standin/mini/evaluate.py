@@ -1,0 +1,166 @@
+"""The mini world's results table: identity, motion and prompt accuracy of generated clips on held-out data.
+
+For N held-out (identity, prompt) pairs -- identities and prompt combinations never seen in training -- every
+variant generates from the same noise: (a) the base model without reference, (b) Stand-In, and, when given,
+(c) Stand-In trained with vanilla self-attention and (d) with shared positions (the paper's ablations). The
+world's own render of the same identity and prompt is measured too, as the ceiling the metrics can reach.
+FaceSim uses the world's identity model through the same code path as real videos (standin.eval), motion is
+the mean optical flow, and the prompt checks are the world's rules (standin.mini.identity.check_prompt).
+
+    python -m standin.mini.evaluate --base standin/mini/weights/base \
+        --adapter standin=standin/mini/weights/standin_adapter.safetensors \
+        --adapter vanilla=RUN/adapter.safetensors --adapter shared=RUN2/adapter.safetensors \
+        --count 24 --out docs/mini_results
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+from standin.checkpoint import load_adapter
+from standin.eval import evaluate_video
+from standin.io import save_image, save_text
+from standin.loading import load_pipeline
+from standin.mini.data import make_clip, make_reference, split_identity
+from standin.mini.identity import MiniFaceBackend, check_prompt
+from standin.mini.prompts import sample_prompt
+from standin.mini.world import identity as world_identity
+from standin.video import to_uint8
+
+VARIANT_NAMES = {
+    "world": "world render (ceiling)",
+    "base": "(a) base, no reference",
+    "standin": "(b) Stand-In",
+    "vanilla": "(c) Stand-In, vanilla attention",
+    "shared": "(d) Stand-In, shared positions",
+}
+
+
+def held_out_cases(count: int, reference_size: int, seed: int = 0):
+    """(identity, prompt, reference image) for held-out identities and held-out prompt combinations."""
+    rng = np.random.default_rng(seed)
+    for index in range(count):
+        identity_id = split_identity("test", int(rng.integers(0, 10_000)))
+        prompt = sample_prompt(int(rng.integers(0, 2**31)), world_identity(identity_id), "test")
+        reference = make_reference(identity_id, reference_size, seed=int(rng.integers(0, 2**31)))
+        yield index, identity_id, prompt, reference
+
+
+def measure(frames: np.ndarray, reference: np.ndarray, prompt, backend) -> dict:
+    scores = evaluate_video(list(frames), Image.fromarray(reference), backend=backend, num_frames=len(frames))
+    checks = check_prompt(frames, prompt, backend)
+    return {"face_sim": scores.face_sim, "face_rate": scores.face_rate, "motion": scores.motion,
+            "copy_paste": scores.copy_paste_score, "action_ok": checks["action_ok"],
+            "place_ok": checks["place_ok"], "time_ok": checks["time_ok"]}
+
+
+def summarize(rows: list[dict]) -> dict:
+    def mean(key):
+        values = [row[key] for row in rows if row[key] is not None]
+        return float(np.mean(values)) if values else None
+
+    return {"face_sim": mean("face_sim"), "face_rate": mean("face_rate"), "motion": mean("motion"),
+            "copy_paste": mean("copy_paste"), "action": mean("action_ok"), "place": mean("place_ok"),
+            "time": mean("time_ok"), "clips": len(rows)}
+
+
+def markdown_table(summary: dict) -> str:
+    lines = ["| variant | FaceSim | face rate | motion (% diag/frame) | action | place | time of day |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, s in summary.items():
+        cells = [f"{s[key]:.3f}" if s[key] is not None else "-" for key in ("face_sim", "face_rate", "motion")]
+        cells += [f"{s[key]:.0%}" for key in ("action", "place", "time")]
+        lines.append(f"| {VARIANT_NAMES[name]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+SHORT_NAMES = {"world": "world", "base": "a: base", "standin": "b: ours", "vanilla": "c: vanilla",
+               "shared": "d: shared"}
+
+
+def comparison_sheet(examples: list[dict], frames_shown: int = 6) -> Image.Image:
+    """One block per example: the reference, then a row of evenly spaced frames per variant, labelled."""
+    rows = []
+    for example in examples:
+        for name, frames in example["videos"].items():
+            height, width = frames.shape[1:3]
+            first = Image.new("RGB", (width, height), "white")
+            if name == "world":  # the block starts with the reference the model was given
+                first = Image.fromarray(example["reference"]).resize((width, height))
+            ImageDraw.Draw(first).text((2, 2), SHORT_NAMES[name], fill=(200, 0, 0))
+            row = Image.new("RGB", ((frames_shown + 1) * width, height), "white")
+            row.paste(first)
+            for slot, index in enumerate(np.linspace(0, len(frames) - 1, frames_shown).round().astype(int), 1):
+                row.paste(Image.fromarray(frames[index]), (slot * width, 0))
+            rows.append(row)
+    sheet = Image.new("RGB", (rows[0].width, sum(r.height for r in rows)), "white")
+    top = 0
+    for row in rows:
+        sheet.paste(row, (0, top))
+        top += row.height
+    return sheet
+
+
+def evaluate(base, adapters: dict[str, str], count: int, out: str, steps: int = 20, seed: int = 0,
+             size=(17, 64, 64), examples: int = 3) -> dict:
+    pipe = load_pipeline(base, device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    loaded = {name: load_adapter(path, pipe.transformer) for name, path in adapters.items()}
+    backend = MiniFaceBackend()
+    frames_count, height, width = size
+    rows = {name: [] for name in ("world", "base", *loaded)}
+    shown, started = [], time.perf_counter()
+    for index, identity_id, prompt, reference in tqdm(list(held_out_cases(count, pipe.config.reference_size, seed)),
+                                                      desc="held-out clips"):
+        videos = {"world": make_clip(identity_id, prompt, frames_count, (height, width), seed=index).frames}
+        for name in ("base", *loaded):
+            if name != "base":
+                pipe.set_standin_adapter(loaded[name])
+            result = pipe(prompt=str(prompt), reference_image=None if name == "base" else Image.fromarray(reference),
+                          preprocess_reference=False, height=height, width=width, num_frames=frames_count,
+                          num_inference_steps=steps, generator=torch.Generator().manual_seed(seed + index))
+            videos[name] = to_uint8(result.frames[0])
+        for name, frames in videos.items():
+            rows[name].append({"identity": identity_id, "prompt": str(prompt), **measure(frames, reference, prompt,
+                                                                                        backend)})
+        if len(shown) < examples:
+            shown.append({"reference": reference, "videos": videos})
+    summary = {name: summarize(values) for name, values in rows.items()}
+    report = {"base": str(base), "adapters": adapters, "count": count, "steps": steps, "seed": seed,
+              "size": list(size), "seconds": round(time.perf_counter() - started, 1), "summary": summary,
+              "clips": rows}
+    out = Path(out)
+    save_text(json.dumps(report, indent=2), out.with_suffix(".json"))
+    save_text(markdown_table(summary) + "\n", out.with_suffix(".md"))
+    save_image(comparison_sheet(shown), out.with_suffix(".png"))
+    print(markdown_table(summary))
+    return report
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", required=True, help="the mini base (diffusers folder)")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=FILE",
+                        help="standin=..., vanilla=..., shared=... (any of them)")
+    parser.add_argument("--count", type=int, default=24, help="held-out (identity, prompt) pairs")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="output stem: writes STEM.md, STEM.json and STEM.png")
+    args = parser.parse_args(argv)
+    adapters = dict(item.split("=", 1) for item in args.adapter)
+    unknown = set(adapters) - {"standin", "vanilla", "shared"}
+    if unknown:
+        parser.error(f"unknown adapter names {sorted(unknown)}; use standin, vanilla, shared")
+    evaluate(args.base, adapters, args.count, args.out, args.steps, args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
