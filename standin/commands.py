@@ -60,7 +60,9 @@ def run_generate(args) -> int:
         if args.base is None:
             from standin.mini.model import MINI_SIZES, load_mini_pipeline
 
-            pipe, sizes = load_mini_pipeline(device=args.device), MINI_SIZES
+            # The base alone suffices without a reference; the adapter is required (and checked) with one.
+            pipe = load_mini_pipeline(device=args.device, adapter=args.reference is not None)
+            sizes = MINI_SIZES
         else:
             pipe = load_pipeline(args.base, args.adapter, args.adapter_low, device=args.device)
             sizes = dict(height=480, width=832, num_frames=81)

@@ -13,19 +13,21 @@ import imageio.v3 as iio
 import numpy as np
 from PIL import Image
 
+from standin.io import atomic_write, save_image
 from standin.mini import sheet, train_identity
 from standin.mini.data import make_clip, make_reference
 from standin.mini.identity import check_prompt
+from standin.video import save_video
 
 
 def _clip(args):
     clip = make_clip(args.identity, args.prompt, num_frames=args.frames, size=(args.size, args.size), seed=args.seed)
     if Path(args.out).suffix == ".gif":
-        iio.imwrite(args.out, clip.frames, duration=1000 / args.fps, loop=0)
+        atomic_write(args.out, lambda path: iio.imwrite(path, clip.frames, duration=1000 / args.fps, loop=0))
     else:
-        iio.imwrite(args.out, clip.frames, fps=args.fps)
+        save_video(clip.frames, args.out, fps=args.fps)
     reference = Path(args.out).with_suffix(".reference.png")
-    Image.fromarray(make_reference(args.identity, args.size, seed=args.seed)).save(reference)
+    save_image(Image.fromarray(make_reference(args.identity, args.size, seed=args.seed)), reference)
     print(f"wrote {args.out} ({len(clip.frames)} frames of '{clip.prompt}') and {reference}")
 
 
