@@ -108,6 +108,7 @@ class StandInPipeline(WanPipeline):
     def prepare_reference_image(self, image, preprocess: bool = True) -> PIL.Image.Image:
         """The square reference the model sees: preprocessed (face crop, white background) or only squared."""
         from standin.preprocess import load_image, preprocess_reference
+        from standin.preprocess.crop import pad_to_square
 
         size = self.config.reference_size
         if preprocess:
@@ -115,11 +116,7 @@ class StandInPipeline(WanPipeline):
             if result.fallback_reason:
                 logger.warning("reference preprocessing: %s", result.fallback_reason)
             return result.image
-        image = load_image(image)
-        side = max(image.size)
-        square = PIL.Image.new("RGB", (side, side), "white")
-        square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
-        image = square
+        image = PIL.Image.fromarray(pad_to_square(np.asarray(load_image(image))).image)
         return image if image.size == (size, size) else image.resize((size, size), PIL.Image.BOX)
 
     @torch.no_grad()

@@ -182,3 +182,17 @@ def test_loads_a_local_wan_diffusers_folder(tmp_path):
     assert loaded.scheduler.config.shift == 5.0  # Stand-In's sampler, whatever the folder ships
     assert loaded.config.reference_size == 512
     assert torch.equal(run(loaded), run(source))
+
+
+def test_a_real_photo_is_preprocessed_as_standin_preprocess_does():
+    import skimage.data
+
+    from standin.preprocess import preprocess_reference
+
+    photo = PIL.Image.fromarray(skimage.data.astronaut())
+    pipe = tiny_pipeline(reference_size=64)
+    out = pipe(prompt="a woman nods", reference_image=photo, **SIZES, num_inference_steps=1, latents=noise(),
+               output_type="latent")
+    expected = preprocess_reference(photo, size=64).image
+    assert np.array_equal(np.asarray(out.reference), np.asarray(expected))
+    assert (np.asarray(out.reference)[:3, :3] == 255).all()  # the white background the checkpoints expect
