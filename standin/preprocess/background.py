@@ -56,6 +56,7 @@ def grabcut_person_mask(image: np.ndarray, face_box, content=None, iterations: i
 
     background_model = np.zeros((1, 65), np.float64)
     foreground_model = np.zeros((1, 65), np.float64)
+    cv2.setRNGSeed(0)  # GrabCut's k-means initialisation draws from OpenCV's global RNG: same photo, same mask
     cv2.grabCut(image, mask, None, background_model, foreground_model, iterations, cv2.GC_INIT_WITH_MASK)
     person = (mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)
     return _keep_component_at(person, _pt(cx, cy))
