@@ -1,0 +1,148 @@
+"""The mini base model: its frame-wise VAE, its tokenizer, the shipped pipeline, and resumable training."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from standin.mini import model, train_base
+from standin.mini.model import MINI_SIZES, MINI_WEIGHTS, load_mini_pipeline
+from standin.mini.tokenizer import mini_tokenizer, vocabulary
+from standin.pipeline import WAN_NEGATIVE_PROMPT
+
+TINY_VAE = train_base.VaeConfig(base_dim=4, dim_mult=(1, 2, 2, 2), steps=4, batch=3, crop=16, eval_clips=1,
+                                stats_clips=1, checkpoint_every=2)
+TINY_T2V = train_base.T2VConfig(clips=4, text_dim=8, heads=2, head_dim=12, layers=1, ffn_dim=16, freq_dim=16,
+                                steps=4, batch=2, warmup=2, checkpoint_every=2)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_mini_pipeline(adapter=False)
+
+
+def perturbed_vae():
+    """A frame-wise VAE whose weights are not those of a fresh initialisation (past taps still zero)."""
+    vae = train_base.build_vae(train_base.VaeConfig(base_dim=4)).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in vae.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+        for conv in train_base.causal_convs(vae):
+            conv.weight[:, :, :-1] = 0
+    return vae
+
+
+def assert_frame_wise(vae):
+    assert train_base.past_taps_are_zero(vae)
+    assert vae.config.scale_factor_temporal == 1 and vae.config.scale_factor_spatial == 8
+    video = torch.rand(1, 3, 9, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        latents = vae.encode(video).latent_dist.mean  # the real class's chunked, cached causal path
+        one_by_one = torch.cat([vae.encode(video[:, :, t:t + 1]).latent_dist.mean for t in range(9)], 2)
+        decoded = vae.decode(latents).sample
+        decoded_one_by_one = torch.cat([vae.decode(latents[:, :, t:t + 1]).sample for t in range(9)], 2)
+    assert latents.shape == (1, 16, 9, 8, 8) and decoded.shape == video.shape
+    torch.testing.assert_close(latents, one_by_one, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(decoded, decoded_one_by_one, rtol=1e-5, atol=1e-5)
+    # The 2-D shortcut that training and the latent cache use computes the same function.
+    torch.testing.assert_close(train_base.encode_frames(vae, video), latents, rtol=1e-5, atol=1e-5)
+
+
+def test_vae_is_frame_wise():
+    assert_frame_wise(perturbed_vae())
+
+
+def test_shipped_vae_is_frame_wise(pipe):
+    assert_frame_wise(pipe.vae)
+
+
+def test_training_never_moves_the_past_taps():
+    vae = perturbed_vae().train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-2, weight_decay=0.0)
+    frames = train_base.FrameBatches(train_base.VaeConfig(batch=3, crop=16))[0]
+    for step in range(2):
+        loss, _ = train_base.vae_loss(vae, frames, train_base.step_generator(0, step), train_base.VaeConfig())
+        optimizer.zero_grad()
+        loss.backward()
+        assert all(not conv.weight.grad[:, :, :-1].any() for conv in train_base.causal_convs(vae))
+        optimizer.step()
+    assert train_base.past_taps_are_zero(vae)
+
+
+def test_tokenizer_round_trip_and_unknown_words(pipe):
+    tokenizer = mini_tokenizer()
+    ids = tokenizer("The camera zooms in on a Woman in the snow at night.").input_ids
+    assert ids[-1] == tokenizer.eos_token_id == 1 and tokenizer.pad_token_id == 0 and tokenizer.unk_token_id == 2
+    assert tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "the camera zooms in on a woman in the snow at night ."
+    assert tokenizer("A dragon flies, on a beach!").input_ids == [3, 2, 2, 2, 22, 3, 5, 2, 1]
+    assert set(tokenizer(WAN_NEGATIVE_PROMPT).input_ids) == {1, 2}  # the negative prompt is all <unk>
+    assert pipe.tokenizer.get_vocab() == {word: i for i, word in enumerate(vocabulary())}
+
+
+def test_training_prompt_embeddings_are_the_pipelines(pipe):
+    prompts = ["A child waves on a beach at noon.", "", WAN_NEGATIVE_PROMPT]
+    with torch.no_grad():
+        ours = train_base.encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts)
+        theirs, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=512,
+                                       device=torch.device("cpu"))
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_shipped_pipeline_generates_offline(pipe):
+    assert pipe.config.reference_size == train_base.REFERENCE_SIZE
+    video = pipe("A man walks left in the snow at night.", **MINI_SIZES, generator=torch.Generator().manual_seed(0))
+    frames = video.frames[0]
+    assert frames.shape == (17, 64, 64, 3) and np.isfinite(frames).all()
+    assert frames.std() > 0.05 and np.abs(np.diff(frames, axis=0)).mean() > 0  # an image, and it moves
+    # No 4k+1 rule: the VAE is frame-wise.
+    short = pipe("A person nods in a room at noon.", height=64, width=64, num_frames=6, num_inference_steps=2)
+    assert short.frames.shape == (1, 6, 64, 64, 3)
+
+
+def test_missing_adapter_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(model, "MINI_ADAPTER", tmp_path / "standin_adapter.safetensors")
+    with pytest.raises(FileNotFoundError, match="not trained yet"):
+        load_mini_pipeline()
+
+
+def interrupted(monkeypatch, name, after):
+    """Make train_base.<name> raise on its call number `after` + 1, as if the process were killed there."""
+    original, calls = getattr(train_base, name), []
+
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > after:
+            raise KeyboardInterrupt("killed")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_base, name, dying)
+
+
+def test_stages_resume_exactly(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    train_base.train_vae(whole, TINY_VAE)
+    with monkeypatch.context() as patch:
+        interrupted(patch, "vae_loss", after=3)  # dies in step 4, after the checkpoint of step 2
+        with pytest.raises(KeyboardInterrupt):
+            train_base.train_vae(resumed, TINY_VAE)
+    assert torch.load(resumed / "vae" / "checkpoint.pt", weights_only=True)["step"] == 2
+    train_base.train_vae(resumed, TINY_VAE)
+    for file in ("diffusion_pytorch_model.safetensors", "config.json"):
+        assert (whole / "vae" / "final" / file).read_bytes() == (resumed / "vae" / "final" / file).read_bytes()
+
+    shutil.rmtree(resumed / "vae")
+    shutil.copytree(whole / "vae", resumed / "vae")
+    train_base.train_t2v(whole, TINY_T2V)
+    with monkeypatch.context() as patch:
+        interrupted(patch, "t2v_loss", after=3)
+        with pytest.raises(KeyboardInterrupt):
+            train_base.train_t2v(resumed, TINY_T2V)
+    train_base.train_t2v(resumed, TINY_T2V)
+    for part, file in (("transformer", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):
+        a, b = (load_file(str(work / "t2v" / "final" / part / file)) for work in (whole, resumed))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
