@@ -10,6 +10,15 @@ from standin.models import StandInTransformer  # noqa: E402
 from standin.tiny import tiny_transformer  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one thread is several times faster than two fighting over a busy CPU. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def randomize_lora_up(adapter, std=0.1, seed=0):
     """A trained adapter has B != 0; tests use random B so the LoRA path is exercised."""
     generator = torch.Generator().manual_seed(seed)

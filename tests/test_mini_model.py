@@ -18,13 +18,7 @@ TINY_T2V = train_base.T2VConfig(clips=4, text_dim=8, heads=2, head_dim=12, layer
                                 steps=4, batch=2, warmup=2, checkpoint_every=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is the fastest on a shared CPU (more wait on each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,7 @@ from standin.mini.prompts import ACTIONS, Prompt, sample_prompt
 from standin.mini.train_identity import TrainConfig, embedder_view, train, write_rules
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These networks are tiny: one thread is several times faster than two fighting over a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
