@@ -29,12 +29,23 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     os.close(handle)
     try:
         write(temporary)
+        os.chmod(temporary, _final_mode(path))
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
     return path
+
+
+def _final_mode(path: Path) -> int:
+    """The permissions a plain open() would have given (mkstemp makes files private): the replaced file's, or
+    0o666 less the umask."""
+    if path.exists():
+        return path.stat().st_mode & 0o7777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def save_image(image, path: str | os.PathLike) -> Path:

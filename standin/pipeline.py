@@ -22,7 +22,6 @@ from diffusers.utils import BaseOutput
 from standin.checkpoint import load_adapter
 from standin.models.adapter import StandInAdapter
 from standin.models.reference import (
-    encode_reference,
     install_reference_attention,
     joint_reference_context,
     reference_context,
@@ -83,15 +82,6 @@ class StandInPipeline(WanPipeline):
         for name, adapter in self.adapters.items():
             adapter.to(self._experts()[name].patch_embedding.weight.device)
         return self
-
-    def _prepare_expert(self, name: str) -> None:
-        """The reference pass calls the expert's submodules directly, not its forward: trigger the offload hook that
-        forward would (enable_model_cpu_offload) and bring the adapter to the execution device."""
-        model = self._experts()[name]
-        hook = getattr(model, "_hf_hook", None)
-        if hook is not None:
-            hook.pre_forward(model)
-        self.adapters[name].to(model.patch_embedding.weight.device)
 
     def load_standin_adapter(self, path, path_2=None) -> None:
         """Load the Stand-In adapter file(s): one for Wan2.1; for Wan2.2 the high-noise file (for `transformer`)
@@ -246,62 +236,67 @@ class StandInPipeline(WanPipeline):
         if self.config.boundary_ratio is not None and "transformer_2" in experts:
             boundary = self.config.boundary_ratio * self.scheduler.config.num_train_timesteps
 
-        # 4. The reference cache, one per expert, alive exactly for this loop (also on an exception).
-        with contextlib.ExitStack() as stack:
-            # Vanilla-attention adapters (an ablation) make the reference depend on the video: nothing to cache.
-            use_cache = reference is not None and cache_reference and all(
-                self.adapters[name].attention == "restricted" for name in experts)
-            if use_cache:
-                for name, model in experts.items():
-                    self._prepare_expert(name)
-                    latents_for_model = reference_latents.to(model.device, model.dtype)
-                    kv = encode_reference(model, self.adapters[name], latents_for_model, grid)
-                    stack.enter_context(reference_context(model, kv))
+        # 4. The reference stream runs inside the experts' forwards, where offloading hooks (model CPU offload,
+        # group offloading) bring the weights. With the cache, the first forward of each expert records the
+        # reference keys and values and later ones reuse them; the caches live exactly for this loop.
+        # Vanilla-attention adapters (an ablation) make the reference depend on the video: nothing to cache.
+        if reference is not None:
+            for adapter in self.adapters.values():
+                adapter.to(device)
+            reference_latents = reference_latents.to(device)
+        caches = {}
 
-            def reference_for(model):
-                if reference is None or use_cache:
-                    return contextlib.nullcontext()
-                name = "transformer" if model is experts["transformer"] else "transformer_2"
-                self._prepare_expert(name)
-                adapter = self.adapters[name]
-                latents_for_model = reference_latents.to(model.device, model.dtype)
-                if adapter.attention == "vanilla":
-                    return joint_reference_context(model, adapter, latents_for_model, grid)
-                return reference_context(model, encode_reference(model, adapter, latents_for_model, grid))
+        @contextlib.contextmanager
+        def reference_for(model):
+            if reference is None:
+                yield
+                return
+            name = "transformer" if model is experts["transformer"] else "transformer_2"
+            if name in caches:
+                with reference_context(model, caches[name]):
+                    yield
+                return
+            adapter = self.adapters[name]
+            record = cache_reference and adapter.attention == "restricted"
+            with joint_reference_context(model, adapter, reference_latents.to(dtype=model.dtype), grid,
+                                         record) as joint:
+                yield
+            if record:
+                caches[name] = joint.recorded
 
-            self._num_timesteps = len(timesteps)
-            self.scheduler.set_begin_index(0)
-            with self.progress_bar(total=len(timesteps)) as progress_bar:
-                for i, t in enumerate(timesteps):
-                    if self._interrupt:
-                        break
-                    self._current_timestep = t
-                    high_noise = boundary is None or t >= boundary
-                    model = experts["transformer"] if high_noise else experts["transformer_2"]
-                    scale = guidance_scale if high_noise else guidance_scale_2
-                    args = (model, latents.to(transformer_dtype), t, prompt_embeds, negative_prompt_embeds, scale,
-                            reference_for)
-                    if batch_guidance == "auto":
-                        try:
-                            velocity = self._velocity(*args, True, attention_kwargs)
-                        except torch.cuda.OutOfMemoryError:
-                            logger.warning("out of memory with batched guidance; running the branches one by one")
-                            torch.cuda.empty_cache()
-                            batch_guidance = False
-                            velocity = self._velocity(*args, False, attention_kwargs)
-                    else:
-                        velocity = self._velocity(*args, bool(batch_guidance), attention_kwargs)
-                    latents = self.scheduler.step(velocity.float(), t, latents, return_dict=False)[0]
+        self._num_timesteps = len(timesteps)
+        self.scheduler.set_begin_index(0)
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self._interrupt:
+                    break
+                self._current_timestep = t
+                high_noise = boundary is None or t >= boundary
+                model = experts["transformer"] if high_noise else experts["transformer_2"]
+                scale = guidance_scale if high_noise else guidance_scale_2
+                args = (model, latents.to(transformer_dtype), t, prompt_embeds, negative_prompt_embeds, scale,
+                        reference_for)
+                if batch_guidance == "auto":
+                    try:
+                        velocity = self._velocity(*args, True, attention_kwargs)
+                    except torch.cuda.OutOfMemoryError:
+                        logger.warning("out of memory with batched guidance; running the branches one by one")
+                        torch.cuda.empty_cache()
+                        batch_guidance = False
+                        velocity = self._velocity(*args, False, attention_kwargs)
+                else:
+                    velocity = self._velocity(*args, bool(batch_guidance), attention_kwargs)
+                latents = self.scheduler.step(velocity.float(), t, latents, return_dict=False)[0]
 
-                    if callback_on_step_end is not None:
-                        tensors = {"latents": latents, "prompt_embeds": prompt_embeds,
-                                   "negative_prompt_embeds": negative_prompt_embeds}
-                        callback_kwargs = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
-                        outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
-                        latents = outputs.pop("latents", latents)
-                        prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
-                        negative_prompt_embeds = outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
-                    progress_bar.update()
+                if callback_on_step_end is not None:
+                    tensors = {"latents": latents, "prompt_embeds": prompt_embeds,
+                               "negative_prompt_embeds": negative_prompt_embeds}
+                    callback_kwargs = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
+                    outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                    latents = outputs.pop("latents", latents)
+                    prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
+                    negative_prompt_embeds = outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                progress_bar.update()
         self._current_timestep = None
 
         # 5. Decode.

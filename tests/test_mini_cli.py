@@ -20,3 +20,17 @@ def test_clip_then_check(tmp_path, capsys):
     main(["mini", "check", str(tmp_path / "out" / "clip.mp4"), prompt])
     checks = json.loads(capsys.readouterr().out)
     assert checks["place_ok"] and checks["time_ok"]
+
+
+def test_reference_command_draws_the_shipped_examples(tmp_path, capsys):
+    """examples/*.png are `standin mini reference` outputs: the command redraws them pixel for pixel."""
+    from pathlib import Path
+
+    examples = sorted((Path(__file__).parent.parent / "examples").glob("*_*.png"))
+    assert {path.stem.split("_")[0] for path in examples} == {"woman", "man", "child", "person"}
+    for example in examples:
+        identity = example.stem.split("_")[1]
+        main(["mini", "reference", "--identity", identity, "--out", str(tmp_path / example.name)])
+        assert np.array_equal(np.asarray(Image.open(tmp_path / example.name)), np.asarray(Image.open(example)))
+        who = example.stem.split("_")[0]
+        assert f"identity {identity} ({who})" in capsys.readouterr().out

@@ -88,13 +88,19 @@ def test_cached_forward_equals_uncached_exactly(standin_model, inputs):
 
 
 @torch.no_grad()
-def test_joint_computation_order_equals_the_cache(standin_model, inputs):
-    """The official order (reference advanced block by block inside the video forward) == the cached one."""
+def test_joint_computation_order_equals_the_cache_and_records_it(standin_model, inputs):
+    """The official order (reference advanced block by block inside the video forward) == the cached one, and
+    its first forward records the very cache that encode_reference builds (what the pipeline uses)."""
     transformer = standin_model.transformer
     grid = video_grid(transformer, inputs["hidden_states"].shape)
-    with joint_reference_context(transformer, standin_model.adapter, inputs["reference_latents"], grid):
-        joint = transformer(**without_reference(inputs), return_dict=False)[0]
-    assert relative_error(joint, standin_model(**inputs)[0]) <= TOLERANCE
+    with joint_reference_context(transformer, standin_model.adapter, inputs["reference_latents"], grid,
+                                 record=True) as joint:
+        first = transformer(**without_reference(inputs), return_dict=False)[0]
+        again = transformer(**without_reference(inputs), return_dict=False)[0]
+    assert torch.equal(first, again) and torch.equal(first, standin_model(**inputs)[0])
+    kv = standin_model.encode_reference(inputs["reference_latents"], grid)
+    assert all(torch.equal(a, b) for a, b in zip(joint.recorded.keys + joint.recorded.values, kv.keys + kv.values))
+    assert len(joint.recorded.keys) == len(transformer.blocks)
 
 
 def ablation_model(**variant):

@@ -1,6 +1,7 @@
 """`standin mini ...`: the mini world from the command line.
 
     standin mini clip "A child waves on a beach at noon." --identity 42 --out clip.mp4
+    standin mini reference --identity 34 --out woman.png
     standin mini check clip.mp4 "A child waves on a beach at noon."
     standin mini sheet identities.png
     standin mini train-identity
@@ -14,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from standin.io import atomic_write, save_image
-from standin.mini import sheet, train_identity
+from standin.mini import sheet, train_identity, world
 from standin.mini.data import make_clip, make_reference
 from standin.mini.identity import check_prompt
 from standin.video import save_video
@@ -29,6 +30,11 @@ def _clip(args):
     reference = Path(args.out).with_suffix(".reference.png")
     save_image(Image.fromarray(make_reference(args.identity, args.size, seed=args.seed)), reference)
     print(f"wrote {args.out} ({len(clip.frames)} frames of '{clip.prompt}') and {reference}")
+
+
+def _reference(args):
+    save_image(Image.fromarray(make_reference(args.identity, args.size, seed=args.seed)), args.out)
+    print(f"wrote {args.out}: identity {args.identity} ({world.identity(args.identity).who}), cropped on white")
 
 
 def _check(args):
@@ -49,6 +55,13 @@ def add_parser(subparsers):
     clip.add_argument("--fps", type=int, default=8)
     clip.add_argument("--seed", type=int, default=0)
     clip.set_defaults(func=_clip)
+
+    reference = commands.add_parser("reference", help="draw a reference photo of an identity (crop on white)")
+    reference.add_argument("--identity", type=int, default=0)
+    reference.add_argument("--out", default="reference.png")
+    reference.add_argument("--size", type=int, default=64)
+    reference.add_argument("--seed", type=int, default=0)
+    reference.set_defaults(func=_reference)
 
     check = commands.add_parser("check", help="does a video follow a mini-world prompt? (action, place, time, who)")
     check.add_argument("video")

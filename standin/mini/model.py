@@ -18,6 +18,7 @@ MINI_ADAPTER = WEIGHTS / "standin_adapter.safetensors"
 # What the mini model was trained on: 17 frames of 64x64 (latents 16 x 17 x 8 x 8; the VAE is frame-wise, so any
 # frame count works); references are 64x64.
 MINI_SIZES = dict(height=64, width=64, num_frames=17)
+MINI_FPS = 8  # the world's actions span a clip: 17 frames play in two seconds
 
 
 def load_mini_pipeline(device=None, adapter: bool = True) -> StandInPipeline:
