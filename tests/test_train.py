@@ -257,6 +257,19 @@ def test_resume_refuses_settings_that_change_the_run(tiny_base, encoded_data, un
         Trainer(train_config(tiny_base, encoded_data, uninterrupted, resume=True, **{**RESUME_SETTINGS, "lr": 2e-2}))
 
 
+def test_a_finished_run_extended_with_more_steps_equals_the_longer_run(tiny_base, encoded_data, uninterrupted,
+                                                                      tmp_path):
+    run = tmp_path / "run"
+    Trainer(train_config(tiny_base, encoded_data, run, **{**RESUME_SETTINGS, "steps": 4})).train()
+    Trainer(train_config(tiny_base, encoded_data, run, resume=True, **RESUME_SETTINGS)).train()
+    assert_same_run(run, uninterrupted)
+    # A schedule that depends on the run's length cannot be extended.
+    linear = dict(steps=2, lr_scheduler="linear")
+    Trainer(train_config(tiny_base, encoded_data, tmp_path / "linear", **linear)).train()
+    with pytest.raises(ValueError, match="steps: 2 -> 3"):
+        Trainer(train_config(tiny_base, encoded_data, tmp_path / "linear", resume=True, **{**linear, "steps": 3}))
+
+
 def test_sigkill_at_a_random_moment_then_resume_is_exact(tiny_base, encoded_data, tmp_path):
     """The real thing: `standin train` killed with SIGKILL somewhere after its first checkpoint."""
     settings = dict(steps=150, batch_size=2, checkpoint_every=10, rank=8, lr=1e-2, warmup_steps=2)

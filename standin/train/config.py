@@ -71,4 +71,6 @@ class TrainConfig:
     def defining(self, global_batch: int) -> dict:
         """What must match for a resumed run to continue this one exactly (process layout may change)."""
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RESUMABLE_CHANGES}
+        if self.lr_scheduler in ("constant", "constant_with_warmup"):
+            del fields["steps"]  # no step depends on the run's length: a finished run can be extended
         return {**fields, "global_batch": global_batch}
