@@ -232,7 +232,8 @@ def worker(args) -> None:
 
 
 def print_table(results) -> None:
-    print("step overheads over the base with the same kernels (cached, floor) and over diffusers' base (vs diffusers)")
+    print("overheads: `cached` and `floor` over the base with the same kernels; `vs diffusers`, `uncached` and the "
+          "whole generations (gen) over diffusers' own base")
     print(f"{'config':8} {'tokens v+r':>12} {'base/step':>10} {'cached':>9} {'floor':>8} {'cached/floor':>12} "
           f"{'vs diffusers':>12} {'uncached':>9} {'gen cached':>10} {'gen uncached':>12} {'peak +MB b/c/u':>20}")
     for r in results:

@@ -24,7 +24,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--backend",
         default="dlib",
-        help="face backend: dlib (default), dlib-hog, dlib-cnn, an insightface model folder, or a recogniser .onnx",
+        help="face backend: dlib (default), dlib-hog, dlib-cnn, mini (the mini world), an insightface model "
+        "folder, or a recogniser .onnx",
     )
     parser.add_argument("-o", "--output", help="also write the JSON here")
     parser.set_defaults(func=run)

@@ -20,6 +20,7 @@ def get_backend(name_or_path=None) -> FaceBackend:
                             pack's ArcFace recogniser, run with onnxruntime
     file.onnx             - an ArcFace-style recogniser (ArcFace, CurricularFace; 112x112 input aligned by five
                             landmarks) with dlib detection
+    "mini"                - the mini world's face model (standin.mini), for videos of the embedded mini model
     Backends built from names and paths are cached: models load once per process.
     """
     if name_or_path is None:
@@ -37,6 +38,10 @@ def _cached_backend(name_or_path: str) -> FaceBackend:
         from standin.faces.dlib_backend import DlibBackend
 
         return DlibBackend(detector=DLIB_NAMES[name_or_path])
+    if name_or_path == "mini":
+        from standin.mini.identity import MiniFaceBackend
+
+        return MiniFaceBackend()
     path = Path(name_or_path)
     if path.is_dir():
         from standin.faces.onnx_backend import InsightFaceBackend
@@ -49,6 +54,6 @@ def _cached_backend(name_or_path: str) -> FaceBackend:
             raise FaceModelError(f"{path}: no such ONNX model file")
         return InsightFaceBackend(recognizer=path)
     raise ValueError(
-        f"unknown face backend {name_or_path!r}: use one of {sorted(DLIB_NAMES)}, an insightface model folder "
+        f"unknown face backend {name_or_path!r}: use one of {sorted([*DLIB_NAMES, 'mini'])}, an insightface model folder "
         "(e.g. antelopev2) or an ArcFace/CurricularFace .onnx file"
     )

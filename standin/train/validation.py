@@ -56,13 +56,11 @@ def face_backend(name: str | None, data: str):
     if name in (None, "none"):
         return None
     try:
-        if name == "mini" or (name == "auto" and data == MINI):
-            from standin.mini.identity import MiniFaceBackend
-
-            return MiniFaceBackend()
         from standin.faces import get_backend
 
-        return get_backend(None if name == "auto" else name)
+        if name == "auto":
+            return get_backend("mini" if data == MINI else None)
+        return get_backend(name)
     except (ImportError, OSError, RuntimeError) as error:
         if name != "auto":
             raise
