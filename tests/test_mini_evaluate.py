@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from PIL import Image
 
 from standin.checkpoint import save_adapter
@@ -23,3 +24,16 @@ def test_table_json_and_comparison_sheet(tmp_path):
     assert len(report["clips"]["standin"]) == 2
     assert "(b) Stand-In" in (tmp_path / "results.md").read_text()
     assert Image.open(tmp_path / "results.png").size == (7 * 64, 2 * 3 * 64)
+
+
+def test_gain_over_the_base_is_paired_and_skips_clips_without_a_face():
+    from standin.mini.evaluate import summarize
+
+    def rows(face_sims):
+        return [{"face_sim": f, "face_rate": 1.0, "motion": 0.5, "copy_paste": 0.0, "action_ok": True,
+                 "place_ok": True, "time_ok": False} for f in face_sims]
+
+    summary = summarize(rows([0.5, 0.7, None, 0.9]), rows([0.1, 0.2, 0.3, None]))
+    assert summary["gain"] == pytest.approx(0.45)  # clips 1 and 2 only: (0.4 + 0.5) / 2
+    assert summary["gain_ci95"] == pytest.approx(1.96 * 0.0707107 / 2 ** 0.5, rel=1e-4)
+    assert summarize(rows([0.5]))["gain"] is None

@@ -61,23 +61,35 @@ def measure(frames: np.ndarray, reference: np.ndarray, prompt, backend) -> dict:
             "place_ok": checks["place_ok"], "time_ok": checks["time_ok"]}
 
 
-def summarize(rows: list[dict]) -> dict:
+def summarize(rows: list[dict], base_rows: list[dict] | None = None) -> dict:
+    """Means over clips; with base_rows (the same clips from the base), the paired FaceSim gain over the base and
+    its 95% confidence half-width (normal approximation over clips where both found a face)."""
     def mean(key):
         values = [row[key] for row in rows if row[key] is not None]
         return float(np.mean(values)) if values else None
 
-    return {"face_sim": mean("face_sim"), "face_rate": mean("face_rate"), "motion": mean("motion"),
-            "copy_paste": mean("copy_paste"), "action": mean("action_ok"), "place": mean("place_ok"),
-            "time": mean("time_ok"), "clips": len(rows)}
+    summary = {"face_sim": mean("face_sim"), "face_rate": mean("face_rate"), "motion": mean("motion"),
+               "copy_paste": mean("copy_paste"), "action": mean("action_ok"), "place": mean("place_ok"),
+               "time": mean("time_ok"), "clips": len(rows), "gain": None, "gain_ci95": None}
+    if base_rows is not None:
+        gains = np.array([row["face_sim"] - base["face_sim"] for row, base in zip(rows, base_rows)
+                          if row["face_sim"] is not None and base["face_sim"] is not None])
+        if len(gains) > 1:
+            summary["gain"] = float(gains.mean())
+            summary["gain_ci95"] = float(1.96 * gains.std(ddof=1) / np.sqrt(len(gains)))
+    return summary
 
 
 def markdown_table(summary: dict) -> str:
-    lines = ["| variant | FaceSim | face rate | motion (% diag/frame) | action | place | time of day |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| variant | FaceSim | gain over (a), 95% CI | face rate | motion (% diag/frame) | action | place | "
+             "time of day |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, s in summary.items():
-        cells = [f"{s[key]:.3f}" if s[key] is not None else "-" for key in ("face_sim", "face_rate", "motion")]
+        cells = [f"{s['face_sim']:.3f}" if s["face_sim"] is not None else "-"]
+        cells.append(f"{s['gain']:+.3f} +- {s['gain_ci95']:.3f}" if s["gain"] is not None else "")
+        cells += [f"{s[key]:.3f}" if s[key] is not None else "-" for key in ("face_rate", "motion")]
         cells += [f"{s[key]:.0%}" for key in ("action", "place", "time")]
-        lines.append(f"| {VARIANT_NAMES[name]} | " + " | ".join(cells) + " |")
+        lines.append(f"| {VARIANT_NAMES.get(name, name)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -94,7 +106,7 @@ def comparison_sheet(examples: list[dict], frames_shown: int = 6) -> Image.Image
             first = Image.new("RGB", (width, height), "white")
             if name == "world":  # the block starts with the reference the model was given
                 first = Image.fromarray(example["reference"]).resize((width, height))
-            ImageDraw.Draw(first).text((2, 2), SHORT_NAMES[name], fill=(200, 0, 0))
+            ImageDraw.Draw(first).text((2, 2), SHORT_NAMES.get(name, name[:10]), fill=(200, 0, 0))
             row = Image.new("RGB", ((frames_shown + 1) * width, height), "white")
             row.paste(first)
             for slot, index in enumerate(np.linspace(0, len(frames) - 1, frames_shown).round().astype(int), 1):
@@ -132,7 +144,8 @@ def evaluate(base, adapters: dict[str, str], count: int, out: str, steps: int = 
                                                                                         backend)})
         if len(shown) < examples:
             shown.append({"reference": reference, "videos": videos})
-    summary = {name: summarize(values) for name, values in rows.items()}
+    summary = {name: summarize(values, None if name in ("world", "base") else rows["base"])
+               for name, values in rows.items()}
     report = {"base": str(base), "adapters": adapters, "count": count, "steps": steps, "seed": seed,
               "size": list(size), "seconds": round(time.perf_counter() - started, 1), "summary": summary,
               "clips": rows}
@@ -148,16 +161,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", required=True, help="the mini base (diffusers folder)")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=FILE",
-                        help="standin=..., vanilla=..., shared=... (any of them)")
+                        help="standin=..., vanilla=..., shared=... (the table's rows b-d), or any other name")
     parser.add_argument("--count", type=int, default=24, help="held-out (identity, prompt) pairs")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="output stem: writes STEM.md, STEM.json and STEM.png")
     args = parser.parse_args(argv)
+    if not all("=" in item for item in args.adapter):
+        parser.error("--adapter takes NAME=FILE")
     adapters = dict(item.split("=", 1) for item in args.adapter)
-    unknown = set(adapters) - {"standin", "vanilla", "shared"}
-    if unknown:
-        parser.error(f"unknown adapter names {sorted(unknown)}; use standin, vanilla, shared")
+    if set(adapters) & {"world", "base"}:
+        parser.error("'world' and 'base' name the reference-free rows; give the adapter another name")
     evaluate(args.base, adapters, args.count, args.out, args.steps, args.seed)
     return 0
 
