@@ -15,15 +15,22 @@ def test_table_json_and_comparison_sheet(tmp_path):
     pipe.save_pretrained(tmp_path / "base")
     save_adapter(pipe.adapters["transformer"], tmp_path / "adapter.safetensors")
     assert main(["--base", str(tmp_path / "base"), "--adapter", f"standin={tmp_path / 'adapter.safetensors'}",
-                 "--count", "2", "--steps", "2", "--out", str(tmp_path / "results")]) == 0
+                 "--adapter", f"twice={tmp_path / 'adapter.safetensors'}", "--count", "2", "--steps", "2",
+                 "--reference-clips", "4", "--out", str(tmp_path / "results")]) == 0
     report = json.loads((tmp_path / "results.json").read_text())
-    assert set(report["summary"]) == {"world", "base", "standin"}
+    assert set(report["summary"]) == {"world", "base", "standin", "twice"}
+    # Reference use: the loss without a reference is the base's, whatever the adapter; the same adapter twice gives
+    # the same numbers; a reference changes the prediction.
+    use = report["reference_use"]["loss"]
+    assert use["standin"] == use["twice"] and set(use["standin"]) == {
+        f"{case}@{sigma}" for case in ("right", "base", "wrong") for sigma in (0.5, 0.8, 0.95)}
+    assert all(use["standin"][f"right@{s}"] != use["standin"][f"base@{s}"] for s in (0.5, 0.8, 0.95))
     world = report["summary"]["world"]
     # The world's own renders are the ceiling: the identity model finds the face and the rules hold.
     assert world["face_rate"] > 0.9 and world["face_sim"] > 0.5 and world["place"] == 1.0
     assert len(report["clips"]["standin"]) == 2
     assert "(b) Stand-In" in (tmp_path / "results.md").read_text()
-    assert Image.open(tmp_path / "results.png").size == (7 * 64, 2 * 3 * 64)
+    assert Image.open(tmp_path / "results.png").size == (7 * 64, 2 * 4 * 64)
 
 
 def test_gain_over_the_base_is_paired_and_skips_clips_without_a_face():

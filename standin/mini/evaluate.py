@@ -61,6 +61,55 @@ def measure(frames: np.ndarray, reference: np.ndarray, prompt, backend) -> dict:
             "place_ok": checks["place_ok"], "time_ok": checks["time_ok"]}
 
 
+REFERENCE_SIGMAS = (0.5, 0.8, 0.95)
+
+
+@torch.no_grad()
+def reference_use(pipe, adapters: dict, count: int = 48, seed: int = 0, size=(17, 64, 64), batch: int = 8) -> dict:
+    """Does a model use the identity in its reference? Flow-matching loss on held-out clips at fixed noise levels,
+    with the clip's own reference ("right"), another held-out identity's ("wrong", the batch rolled by one) and
+    none (the base). Independent of how well the model draws: a model that uses the identity has right < base <
+    wrong."""
+    from standin.mini.data import MiniClipDataset
+    from standin.models import StandInTransformer
+    from standin.train.data import PromptEncoder, vae_latents
+
+    frames, height, width = size
+    dataset = MiniClipDataset("test", count, frames, (height, width), pipe.config.reference_size, seed=seed)
+    items = [dataset[i] for i in range(count)]
+    clean = vae_latents(pipe.vae, torch.stack([item["video"] for item in items]))
+    references = vae_latents(pipe.vae, torch.stack([item["reference"] for item in items]))
+    prompts = PromptEncoder(pipe, pipe.device)([item["prompt"] for item in items])
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed))
+    results = {}
+    for name, adapter in adapters.items():
+        model = StandInTransformer(pipe.transformer, adapter).eval()
+        losses = {}
+        for sigma in REFERENCE_SIGMAS:
+            noisy, target = (1 - sigma) * clean + sigma * noise, noise - clean
+            for case, reference in (("base", None), ("right", references), ("wrong", references.roll(1, 0))):
+                errors = []
+                for start in range(0, count, batch):
+                    part = slice(start, start + batch)
+                    timestep = torch.full((noisy[part].shape[0],), sigma * 1000)
+                    prediction = model(noisy[part], timestep, prompts[part],
+                                       reference_latents=None if reference is None else reference[part])[0]
+                    errors.append(((prediction - target[part]) ** 2).flatten(1).mean(1))
+                losses[f"{case}@{sigma}"] = float(torch.cat(errors).mean())
+        results[name] = losses
+    return results
+
+
+def reference_use_table(results: dict) -> str:
+    lines = ["| variant | " + " | ".join(f"sigma {s}: right / none / wrong" for s in REFERENCE_SIGMAS) + " |",
+             "| --- |" + " --- |" * len(REFERENCE_SIGMAS)]
+    for name, losses in results.items():
+        cells = [" / ".join(f"{losses[f'{case}@{s}']:.4f}" for case in ("right", "base", "wrong"))
+                 for s in REFERENCE_SIGMAS]
+        lines.append(f"| {VARIANT_NAMES.get(name, name)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def summarize(rows: list[dict], base_rows: list[dict] | None = None) -> dict:
     """Means over clips; with base_rows (the same clips from the base), the paired FaceSim gain over the base and
     its 95% confidence half-width (normal approximation over clips where both found a face)."""
@@ -121,7 +170,7 @@ def comparison_sheet(examples: list[dict], frames_shown: int = 6) -> Image.Image
 
 
 def evaluate(base, adapters: dict[str, str], count: int, out: str, steps: int = 20, seed: int = 0,
-             size=(17, 64, 64), examples: int = 3) -> dict:
+             size=(17, 64, 64), examples: int = 3, reference_clips: int = 48) -> dict:
     pipe = load_pipeline(base, device="cpu")
     pipe.set_progress_bar_config(disable=True)
     loaded = {name: load_adapter(path, pipe.transformer) for name, path in adapters.items()}
@@ -146,14 +195,19 @@ def evaluate(base, adapters: dict[str, str], count: int, out: str, steps: int = 
             shown.append({"reference": reference, "videos": videos})
     summary = {name: summarize(values, None if name in ("world", "base") else rows["base"])
                for name, values in rows.items()}
+    use = reference_use(pipe, loaded, reference_clips, seed, size) if reference_clips and loaded else {}
     report = {"base": str(base), "adapters": adapters, "count": count, "steps": steps, "seed": seed,
               "size": list(size), "seconds": round(time.perf_counter() - started, 1), "summary": summary,
-              "clips": rows}
+              "reference_use": {"clips": reference_clips, "loss": use}, "clips": rows}
+    text = markdown_table(summary)
+    if use:
+        text += (f"\n\nFlow-matching loss on {reference_clips} held-out clips with the clip's own reference / none "
+                 "/ another identity's:\n\n" + reference_use_table(use))
     out = Path(out)
     save_text(json.dumps(report, indent=2), out.with_suffix(".json"))
-    save_text(markdown_table(summary) + "\n", out.with_suffix(".md"))
+    save_text(text + "\n", out.with_suffix(".md"))
     save_image(comparison_sheet(shown), out.with_suffix(".png"))
-    print(markdown_table(summary))
+    print(text)
     return report
 
 
@@ -165,6 +219,8 @@ def main(argv=None) -> int:
     parser.add_argument("--count", type=int, default=24, help="held-out (identity, prompt) pairs")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reference-clips", type=int, default=48,
+                        help="held-out clips for the reference-use losses (0: skip)")
     parser.add_argument("--out", required=True, help="output stem: writes STEM.md, STEM.json and STEM.png")
     args = parser.parse_args(argv)
     if not all("=" in item for item in args.adapter):
@@ -172,7 +228,7 @@ def main(argv=None) -> int:
     adapters = dict(item.split("=", 1) for item in args.adapter)
     if set(adapters) & {"world", "base"}:
         parser.error("'world' and 'base' name the reference-free rows; give the adapter another name")
-    evaluate(args.base, adapters, args.count, args.out, args.steps, args.seed)
+    evaluate(args.base, adapters, args.count, args.out, args.steps, args.seed, reference_clips=args.reference_clips)
     return 0
 
 
