@@ -18,7 +18,7 @@ def test_table_json_and_comparison_sheet(tmp_path):
                  "--adapter", f"twice={tmp_path / 'adapter.safetensors'}", "--count", "2", "--steps", "2",
                  "--reference-clips", "4", "--out", str(tmp_path / "results")]) == 0
     report = json.loads((tmp_path / "results.json").read_text())
-    assert set(report["summary"]) == {"world", "base", "standin", "twice"}
+    assert set(report["summary"]) == {"world", "vae", "base", "standin", "twice"}
     # Reference use: the loss without a reference is the base's, whatever the adapter; the same adapter twice gives
     # the same numbers; a reference changes the prediction.
     use = report["reference_use"]["loss"]
@@ -30,7 +30,7 @@ def test_table_json_and_comparison_sheet(tmp_path):
     assert world["face_rate"] > 0.9 and world["face_sim"] > 0.5 and world["place"] == 1.0
     assert len(report["clips"]["standin"]) == 2
     assert "(b) Stand-In" in (tmp_path / "results.md").read_text()
-    assert Image.open(tmp_path / "results.png").size == (7 * 64, 2 * 4 * 64)
+    assert Image.open(tmp_path / "results.png").size == (7 * 64, 2 * 5 * 64)
 
 
 def test_gain_over_the_base_is_paired_and_skips_clips_without_a_face():

@@ -3,7 +3,8 @@
 For N held-out (identity, prompt) pairs -- identities and prompt combinations never seen in training -- every
 variant generates from the same noise: (a) the base model without reference, (b) Stand-In, and, when given,
 (c) Stand-In trained with vanilla self-attention and (d) with shared positions (the paper's ablations). The
-world's own render of the same identity and prompt is measured too, as the ceiling the metrics can reach.
+world's own render of the same identity and prompt is measured too, as the ceiling the metrics can reach, and
+that render encoded and decoded by the model's VAE, the ceiling of any generator that works through it.
 FaceSim uses the world's identity model through the same code path as real videos (standin.eval), motion is
 the mean optical flow, and the prompt checks are the world's rules (standin.mini.identity.check_prompt).
 
@@ -36,6 +37,7 @@ from standin.video import to_uint8
 
 VARIANT_NAMES = {
     "world": "world render (ceiling)",
+    "vae": "world render through the VAE (ceiling of any generator on it)",
     "base": "(a) base, no reference",
     "standin": "(b) Stand-In",
     "vanilla": "(c) Stand-In, vanilla attention",
@@ -110,6 +112,14 @@ def reference_use_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+@torch.no_grad()
+def through_vae(vae, frames: np.ndarray) -> np.ndarray:
+    """uint8 frames [T, H, W, 3] encoded (posterior mean) and decoded by the model's VAE."""
+    pixels = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+    decoded = vae.decode(vae.encode(pixels).latent_dist.mean).sample[0].clamp(-1, 1)
+    return ((decoded.permute(1, 2, 3, 0) + 1) * 127.5).round().to(torch.uint8).numpy()
+
+
 def summarize(rows: list[dict], base_rows: list[dict] | None = None) -> dict:
     """Means over clips; with base_rows (the same clips from the base), the paired FaceSim gain over the base and
     its 95% confidence half-width (normal approximation over clips where both found a face)."""
@@ -142,7 +152,7 @@ def markdown_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-SHORT_NAMES = {"world": "world", "base": "a: base", "standin": "b: ours", "vanilla": "c: vanilla",
+SHORT_NAMES = {"world": "world", "vae": "vae", "base": "a: base", "standin": "b: ours", "vanilla": "c: vanilla",
                "shared": "d: shared"}
 
 
@@ -176,11 +186,12 @@ def evaluate(base, adapters: dict[str, str], count: int, out: str, steps: int = 
     loaded = {name: load_adapter(path, pipe.transformer) for name, path in adapters.items()}
     backend = MiniFaceBackend()
     frames_count, height, width = size
-    rows = {name: [] for name in ("world", "base", *loaded)}
+    rows = {name: [] for name in ("world", "vae", "base", *loaded)}
     shown, started = [], time.perf_counter()
     for index, identity_id, prompt, reference in tqdm(list(held_out_cases(count, pipe.config.reference_size, seed)),
                                                       desc="held-out clips"):
         videos = {"world": make_clip(identity_id, prompt, frames_count, (height, width), seed=index).frames}
+        videos["vae"] = through_vae(pipe.vae, videos["world"])
         for name in ("base", *loaded):
             if name != "base":
                 pipe.set_standin_adapter(loaded[name])
@@ -193,7 +204,7 @@ def evaluate(base, adapters: dict[str, str], count: int, out: str, steps: int = 
                                                                                         backend)})
         if len(shown) < examples:
             shown.append({"reference": reference, "videos": videos})
-    summary = {name: summarize(values, None if name in ("world", "base") else rows["base"])
+    summary = {name: summarize(values, None if name in ("world", "vae", "base") else rows["base"])
                for name, values in rows.items()}
     use = reference_use(pipe, loaded, reference_clips, seed, size) if reference_clips and loaded else {}
     report = {"base": str(base), "adapters": adapters, "count": count, "steps": steps, "seed": seed,
@@ -226,8 +237,8 @@ def main(argv=None) -> int:
     if not all("=" in item for item in args.adapter):
         parser.error("--adapter takes NAME=FILE")
     adapters = dict(item.split("=", 1) for item in args.adapter)
-    if set(adapters) & {"world", "base"}:
-        parser.error("'world' and 'base' name the reference-free rows; give the adapter another name")
+    if set(adapters) & {"world", "vae", "base"}:
+        parser.error("'world', 'vae' and 'base' name the reference-free rows; give the adapter another name")
     evaluate(args.base, adapters, args.count, args.out, args.steps, args.seed, reference_clips=args.reference_clips)
     return 0
 
