@@ -258,8 +258,7 @@ class StandInPipeline(WanPipeline):
                 return
             adapter = self.adapters[name]
             record = cache_reference and adapter.attention == "restricted"
-            with joint_reference_context(model, adapter, reference_latents.to(dtype=model.dtype), grid,
-                                         record) as joint:
+            with joint_reference_context(model, adapter, reference_latents, grid, record) as joint:
                 yield
             if record:
                 caches[name] = joint.recorded

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from diffusers.hooks.group_offloading import _is_group_offload_enabled
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from standin.models.adapter import StandInAdapter
@@ -240,11 +241,15 @@ def _reference_block(block, loras, x, modulation, rotary_emb, last: bool):
     return _reference_update(block, x, attn_out, modulation), key, value
 
 
-def _embed_reference(transformer, adapter: StandInAdapter, reference_latents, grid):
-    """Reference tokens, their RoPE tables and the timestep-0 modulation, on the reference latents' device."""
+def _attach(transformer, adapter: StandInAdapter) -> None:
+    """Check that the adapter fits the transformer and wrap its attention processors."""
     if len(adapter.blocks) != len(transformer.blocks):
         raise ValueError(f"adapter has {len(adapter.blocks)} blocks, the transformer {len(transformer.blocks)}")
     install_reference_attention(transformer)
+
+
+def _embed_reference(transformer, adapter: StandInAdapter, reference_latents, grid):
+    """Reference tokens, their RoPE tables and the timestep-0 modulation, on the reference latents' device."""
     dtype = transformer.patch_embedding.weight.dtype
     device = reference_latents.device
     x = transformer.patch_embedding(reference_latents.to(dtype))
@@ -253,11 +258,6 @@ def _embed_reference(transformer, adapter: StandInAdapter, reference_latents, gr
     rotary_emb = reference_rope(transformer.rope, reference_grid, grid, adapter.positions)
     rotary_emb = tuple(t.to(device) for t in rotary_emb)
     return x, rotary_emb, _timestep_zero_modulation(transformer, x.shape[0], dtype, device)
-
-
-def _group_offloaded(transformer: nn.Module) -> bool:
-    return any(getattr(module, "_diffusers_hook", None) is not None
-               and module._diffusers_hook.get_hook("group_offloading") is not None for module in transformer.modules())
 
 
 def encode_reference(
@@ -269,12 +269,13 @@ def encode_reference(
     """Run the reference stream through all blocks. reference_latents: normalised VAE latents [B, C, 1, H, W]."""
     if adapter.attention != "restricted":
         raise ValueError("only restricted attention makes the reference independent of the video: nothing to cache")
-    if _group_offloaded(transformer):
+    if _is_group_offload_enabled(transformer):
         raise RuntimeError(
             "encode_reference calls the blocks' parts outside their forward, where group offloading does not bring "
             "their weights: record the cache during the first forward instead (joint_reference_context(..., "
             "record=True), as StandInPipeline does)"
         )
+    _attach(transformer, adapter)
     x, rotary_emb, modulation = _embed_reference(transformer, adapter, reference_latents, video_grid)
     checkpointing = torch.is_grad_enabled() and transformer.gradient_checkpointing
     keys, values = [], []
@@ -301,9 +302,7 @@ class JointReference:
     def __init__(self, transformer, adapter: StandInAdapter, reference_latents, grid, record: bool = False):
         if record and adapter.attention != "restricted":
             raise ValueError("only restricted attention makes the reference independent of the video: nothing to cache")
-        if len(adapter.blocks) != len(transformer.blocks):
-            raise ValueError(f"adapter has {len(adapter.blocks)} blocks, the transformer {len(transformer.blocks)}")
-        install_reference_attention(transformer)
+        _attach(transformer, adapter)
         self.transformer, self.adapter, self.reference_latents, self.grid = transformer, adapter, reference_latents, grid
         self.blocks = list(transformer.blocks)
         self.block_index = {id(block.attn1): i for i, block in enumerate(self.blocks)}
