@@ -27,13 +27,16 @@ def _clip(args):
         atomic_write(args.out, lambda path: iio.imwrite(path, clip.frames, duration=1000 / args.fps, loop=0))
     else:
         save_video(clip.frames, args.out, fps=args.fps)
-    reference = Path(args.out).with_suffix(".reference.png")
-    save_image(Image.fromarray(make_reference(args.identity, args.size, seed=args.seed)), reference)
+    reference = _save_reference(args, Path(args.out).with_suffix(".reference.png"))
     print(f"wrote {args.out} ({len(clip.frames)} frames of '{clip.prompt}') and {reference}")
 
 
+def _save_reference(args, path) -> Path:
+    return save_image(Image.fromarray(make_reference(args.identity, args.size, seed=args.seed)), path)
+
+
 def _reference(args):
-    save_image(Image.fromarray(make_reference(args.identity, args.size, seed=args.seed)), args.out)
+    _save_reference(args, args.out)
     print(f"wrote {args.out}: identity {args.identity} ({world.identity(args.identity).who}), cropped on white")
 
 

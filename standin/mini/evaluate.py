@@ -76,6 +76,8 @@ def reference_use(pipe, adapters: dict, count: int = 48, seed: int = 0, size=(17
     from standin.models import StandInTransformer
     from standin.train.data import PromptEncoder, vae_latents
 
+    if not adapters:
+        return {}
     frames, height, width = size
     dataset = MiniClipDataset("test", count, frames, (height, width), pipe.config.reference_size, seed=seed)
     items = [dataset[i] for i in range(count)]
@@ -83,22 +85,27 @@ def reference_use(pipe, adapters: dict, count: int = 48, seed: int = 0, size=(17
     references = vae_latents(pipe.vae, torch.stack([item["reference"] for item in items]))
     prompts = PromptEncoder(pipe, pipe.device)([item["prompt"] for item in items])
     noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed))
-    results = {}
-    for name, adapter in adapters.items():
-        model = StandInTransformer(pipe.transformer, adapter).eval()
-        losses = {}
-        for sigma in REFERENCE_SIGMAS:
-            noisy, target = (1 - sigma) * clean + sigma * noise, noise - clean
-            for case, reference in (("base", None), ("right", references), ("wrong", references.roll(1, 0))):
-                errors = []
-                for start in range(0, count, batch):
-                    part = slice(start, start + batch)
-                    timestep = torch.full((noisy[part].shape[0],), sigma * 1000)
-                    prediction = model(noisy[part], timestep, prompts[part],
-                                       reference_latents=None if reference is None else reference[part])[0]
-                    errors.append(((prediction - target[part]) ** 2).flatten(1).mean(1))
-                losses[f"{case}@{sigma}"] = float(torch.cat(errors).mean())
-        results[name] = losses
+
+    def loss(model, noisy, target, sigma, reference) -> float:
+        errors = []
+        for start in range(0, count, batch):
+            part = slice(start, start + batch)
+            timestep = torch.full((noisy[part].shape[0],), sigma * 1000)
+            prediction = model(noisy[part], timestep, prompts[part],
+                               reference_latents=None if reference is None else reference[part])[0]
+            errors.append(((prediction - target[part]) ** 2).flatten(1).mean(1))
+        return float(torch.cat(errors).mean())
+
+    models = {name: StandInTransformer(pipe.transformer, adapter).eval() for name, adapter in adapters.items()}
+    results = {name: {} for name in adapters}
+    for sigma in REFERENCE_SIGMAS:
+        noisy, target = (1 - sigma) * clean + sigma * noise, noise - clean
+        # Without a reference every variant is the base model: computed once.
+        base = loss(next(iter(models.values())), noisy, target, sigma, None)
+        for name, model in models.items():
+            results[name][f"base@{sigma}"] = base
+            results[name][f"right@{sigma}"] = loss(model, noisy, target, sigma, references)
+            results[name][f"wrong@{sigma}"] = loss(model, noisy, target, sigma, references.roll(1, 0))
     return results
 
 
@@ -206,7 +213,7 @@ def evaluate(base, adapters: dict[str, str], count: int, out: str, steps: int = 
             shown.append({"reference": reference, "videos": videos})
     summary = {name: summarize(values, None if name in ("world", "vae", "base") else rows["base"])
                for name, values in rows.items()}
-    use = reference_use(pipe, loaded, reference_clips, seed, size) if reference_clips and loaded else {}
+    use = reference_use(pipe, loaded, reference_clips, seed, size) if reference_clips else {}
     report = {"base": str(base), "adapters": adapters, "count": count, "steps": steps, "seed": seed,
               "size": list(size), "seconds": round(time.perf_counter() - started, 1), "summary": summary,
               "reference_use": {"clips": reference_clips, "loss": use}, "clips": rows}
