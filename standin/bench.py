@@ -10,8 +10,9 @@ in one batch of 2) and per whole generation of N steps:
 - cached:    Stand-In, reference keys/values computed once per generation (the reference pass counted once)
 - uncached:  Stand-In, reference stream recomputed in every forward (what the official code does)
 Overheads are over `kernels` (comparable to the floor) and, as users see it, over `base`; the floor is counted
-from operations: video queries over the extra reference keys, plus the one-time reference pass. Peak memory: CUDA's allocator peak per variant; on CPU the peak resident memory a fresh
-process per variant adds while it runs, over the loaded model. Prints a table and writes JSON.
+from operations: video queries over the extra reference keys, plus the one-time reference pass. Peak memory:
+CUDA's allocator peak per variant; on CPU the peak resident memory a fresh process per variant adds while it
+runs, over the loaded model. Prints a table and writes JSON.
 
     standin bench --config tiny medium --json overhead.json                   # CPU
     standin bench --config real --layers 8 --device cuda --dtype bf16 --fp8    # GPU, 14B layer sizes

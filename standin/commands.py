@@ -31,8 +31,9 @@ def add_parser(subparsers) -> None:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--fps", type=int, help="playback rate (default: the published 25, the mini model's 8)")
     generate.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
-    generate.add_argument("--no-preprocess", action="store_true", help="use the reference as it is (only squared); always so for the mini "
-                          "model, whose references are drawn already cropped on white")
+    generate.add_argument("--no-preprocess", action="store_true",
+                          help="use the reference as it is (only squared); always so for the mini model, whose "
+                          "references are drawn already cropped on white")
     generate.add_argument("--no-cache", action="store_true", help="recompute the reference stream every forward")
     generate.add_argument("--sequential-guidance", action="store_true", help="run guidance branches one by one")
     generate.set_defaults(func=run_generate)

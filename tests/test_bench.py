@@ -13,7 +13,8 @@ def test_bench_reports_ratios_floor_and_memory(tmp_path, capsys):
     assert result["video_tokens"] == 5 * 12 * 20 and result["reference_tokens"] == 36
     # Counted floor: video queries over 36 more keys, against everything else a step does.
     assert 0 < result["floor_step_overhead"] < 0.05
-    for key in ("cached_step_overhead", "cached_step_vs_diffusers", "uncached_step_overhead", "cached_generation_overhead", "cache_mb",
+    for key in ("cached_step_overhead", "cached_step_vs_diffusers", "uncached_step_overhead",
+                "cached_generation_overhead", "cache_mb",
                 "peak_memory_base_mb", "peak_memory_cached_mb", "peak_memory_uncached_mb"):
         assert math.isfinite(result[key]), key
     assert "cached/floor" in capsys.readouterr().out

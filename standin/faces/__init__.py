@@ -54,6 +54,6 @@ def _cached_backend(name_or_path: str) -> FaceBackend:
             raise FaceModelError(f"{path}: no such ONNX model file")
         return InsightFaceBackend(recognizer=path)
     raise ValueError(
-        f"unknown face backend {name_or_path!r}: use one of {sorted([*DLIB_NAMES, 'mini'])}, an insightface model folder "
-        "(e.g. antelopev2) or an ArcFace/CurricularFace .onnx file"
+        f"unknown face backend {name_or_path!r}: use one of {sorted([*DLIB_NAMES, 'mini'])}, an insightface model "
+        "folder (e.g. antelopev2) or an ArcFace/CurricularFace .onnx file"
     )

@@ -47,14 +47,15 @@ from standin.io import atomic_write, save_image, save_text
 from standin.mini import world
 from standin.mini.data import (HELDOUT_IDENTITIES, MiniClipDataset, make_clip, make_reference, split_identity,
                                to_tensor)
+from standin.mini.model import MINI_SIZES
 from standin.mini.prompts import sample_prompt
 from standin.mini.tokenizer import mini_tokenizer
 from standin.pipeline import WAN_NEGATIVE_PROMPT, StandInPipeline, standin_scheduler
 
 logger = logging.getLogger(__name__)
 
-FRAME_SIZE = (64, 64)
-NUM_FRAMES = 17
+FRAME_SIZE = (MINI_SIZES["height"], MINI_SIZES["width"])
+NUM_FRAMES = MINI_SIZES["num_frames"]
 REFERENCE_SIZE = 64
 MAX_SEQUENCE_LENGTH = 512  # WanPipeline's default: prompt embeddings are zero-padded to this length
 SHARD_CLIPS = 500

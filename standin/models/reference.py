@@ -303,7 +303,8 @@ class JointReference:
         if record and adapter.attention != "restricted":
             raise ValueError("only restricted attention makes the reference independent of the video: nothing to cache")
         _attach(transformer, adapter)
-        self.transformer, self.adapter, self.reference_latents, self.grid = transformer, adapter, reference_latents, grid
+        self.transformer, self.adapter = transformer, adapter
+        self.reference_latents, self.grid = reference_latents, grid
         self.blocks = list(transformer.blocks)
         self.block_index = {id(block.attn1): i for i, block in enumerate(self.blocks)}
         self.embedded = None  # tokens, RoPE tables, modulation: made in the first forward, where hooks onload

@@ -3,9 +3,6 @@
 import dataclasses
 from dataclasses import dataclass
 
-MINI_CLIP = (17, 64, 64)  # frames, height, width of on-the-fly mini-world clips unless told otherwise
-MINI_FPS = 8  # playback rate of mini-world validation videos (prepared data keeps its own)
-
 
 @dataclass
 class PrepareSettings:

@@ -27,9 +27,10 @@ from tqdm.auto import tqdm
 
 from standin.checkpoint import load_adapter, save_adapter
 from standin.io import save_text
+from standin.mini.model import MINI_FPS, MINI_SIZES
 from standin.models import StandInAdapter, StandInTransformer
 from standin.train import checkpoints, parallel
-from standin.train.config import MINI_CLIP, MINI_FPS, TrainConfig
+from standin.train.config import TrainConfig
 from standin.train.data import (
     MINI,
     PreparedDataset,
@@ -138,7 +139,8 @@ class Trainer:
         reference_size = self.pipe.config.reference_size
         self.fps = MINI_FPS
         if c.data == MINI:
-            frames, height, width = c.frames or MINI_CLIP[0], c.height or MINI_CLIP[1], c.width or MINI_CLIP[2]
+            frames = c.frames or MINI_SIZES["num_frames"]
+            height, width = c.height or MINI_SIZES["height"], c.width or MINI_SIZES["width"]
             dataset = mini_dataset("train", c.mini_length, frames, height, width, reference_size)
             self.pre_encoded = False
         else:
