@@ -5,9 +5,11 @@
   models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/): converted in memory with diffusers' own key converters
   for the transformer and VAE, and a key map to transformers' UMT5EncoderModel for the text encoder.
 - anything else that is not a local path is treated as a hub id (needs network access).
-The scheduler is always the published checkpoints' (Euler flow matching, shift 5), whatever the folder ships.
+The scheduler is always Euler flow matching with the published checkpoints' shift 5, whatever the folder ships,
+unless the folder is a StandInPipeline that records another `sampler_shift` (the mini model).
 """
 
+import json
 import os
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffu
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
-from standin.pipeline import StandInPipeline, standin_scheduler
+from standin.pipeline import SAMPLER_SHIFT, StandInPipeline, standin_scheduler
 
 ORIGINAL_VAE = "Wan2.1_VAE.pth"
 ORIGINAL_TEXT_ENCODER = "models_t5_umt5-xxl-enc-bf16.pth"
@@ -31,6 +33,14 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 def is_original_layout(folder: Path) -> bool:
     return (folder / ORIGINAL_VAE).is_file() and any(folder.glob("diffusion_pytorch_model*.safetensors"))
+
+
+def sampler_shift(base: str | os.PathLike) -> float:
+    """The Euler shift a base was trained for: what a StandInPipeline folder records, else the published 5."""
+    index = Path(base) / "model_index.json"
+    if not index.is_file():
+        return SAMPLER_SHIFT
+    return float(json.loads(index.read_text()).get("sampler_shift", SAMPLER_SHIFT))
 
 
 def load_pipeline(base: str | os.PathLike, adapter=None, adapter_2=None, device=None, dtype=None) -> StandInPipeline:
@@ -54,6 +64,8 @@ def load_pipeline(base: str | os.PathLike, adapter=None, adapter_2=None, device=
         pipe.vae.to(torch.float32)
     else:
         raise FileNotFoundError(f"base model not found: {base}")
+    if pipe.config.sampler_shift != SAMPLER_SHIFT:
+        pipe.register_modules(scheduler=standin_scheduler(pipe.config.sampler_shift))
     pipe.to(device)
     if adapter is not None:
         pipe.load_standin_adapter(adapter, adapter_2)

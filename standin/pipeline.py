@@ -37,6 +37,7 @@ WAN_NEGATIVE_PROMPT = (
     "三条腿，背景人很多，倒着走"
 )
 REFERENCE_SIZE = 512
+SAMPLER_SHIFT = 5.0
 
 
 @dataclass
@@ -45,9 +46,9 @@ class StandInPipelineOutput(BaseOutput):
     reference: PIL.Image.Image | None  # the reference exactly as the model saw it (after preprocessing)
 
 
-def standin_scheduler() -> FlowMatchEulerDiscreteScheduler:
-    """Euler flow matching with shift 5, the sampler of the published checkpoints (SPEC section 5)."""
-    return FlowMatchEulerDiscreteScheduler(shift=5.0)
+def standin_scheduler(shift: float = SAMPLER_SHIFT) -> FlowMatchEulerDiscreteScheduler:
+    """Euler flow matching; shift 5 is the sampler of the published checkpoints (SPEC section 5)."""
+    return FlowMatchEulerDiscreteScheduler(shift=shift)
 
 
 def standin_sigmas(num_inference_steps: int) -> np.ndarray:
@@ -58,10 +59,12 @@ def standin_sigmas(num_inference_steps: int) -> np.ndarray:
 class StandInPipeline(WanPipeline):
     def __init__(self, tokenizer, text_encoder, vae, scheduler, transformer=None, transformer_2=None,
                  boundary_ratio: float | None = None, expand_timesteps: bool = False,
-                 reference_size: int = REFERENCE_SIZE):
+                 reference_size: int = REFERENCE_SIZE, sampler_shift: float = SAMPLER_SHIFT):
         super().__init__(tokenizer, text_encoder, vae, scheduler, transformer, transformer_2, boundary_ratio,
                          expand_timesteps)
-        self.register_to_config(reference_size=reference_size)
+        # sampler_shift: the Euler shift the base was trained for, saved with the pipeline so that loading builds
+        # the scheduler with it (5 for Wan; the mini model, at 272 tokens a clip, uses a lower one).
+        self.register_to_config(reference_size=reference_size, sampler_shift=sampler_shift)
         # Stand-In weights, one per expert; not pipeline components, so save_pretrained keeps the base untouched.
         self.adapters: dict[str, StandInAdapter] = {}
 

@@ -110,6 +110,38 @@ def test_shipped_pipeline_generates_offline(pipe):
     assert short.frames.shape == (1, 6, 64, 64, 3)
 
 
+def test_shipped_pipeline_samples_with_the_shift_it_was_trained_for(pipe):
+    from standin.loading import sampler_shift
+
+    assert pipe.config.sampler_shift == model.MINI_SHIFT == train_base.T2VConfig().shift != 5.0
+    assert pipe.scheduler.config.shift == model.MINI_SHIFT
+    # what `standin train` samples noise levels with by default: the base's own shift, Wan's 5 for anything else
+    assert sampler_shift(MINI_WEIGHTS) == model.MINI_SHIFT and sampler_shift("Wan-AI/Wan2.1-T2V-14B-Diffusers") == 5
+
+
+def test_prepared_mini_clips_are_the_on_the_fly_ones_encoded(pipe, tmp_path):
+    """`standin mini prepare` stores exactly what `standin train --data mini` computes from item i, and an
+    interrupted run completes to the same folder."""
+    from standin.mini.prepare import prepare_mini
+    from standin.train.data import PreparedDataset, PromptEncoder, mini_dataset, vae_latents
+
+    manifest = prepare_mini(tmp_path, clips=3, workers=0, progress=False)
+    items = mini_dataset("train", 3, MINI_SIZES["num_frames"], MINI_SIZES["height"], MINI_SIZES["width"],
+                         pipe.config.reference_size)
+    stored = PreparedDataset(tmp_path, pipe.config.reference_size)
+    assert manifest["encoded_with"]["text_dim"] == pipe.transformer.config.text_dim
+    for i in range(3):
+        item, tensors = items[i], stored[i]
+        assert manifest["clips"][i]["caption"] == item["prompt"]
+        assert torch.equal(tensors["latents"], vae_latents(pipe.vae, item["video"][None])[0])
+        assert torch.equal(tensors["reference_latents"], vae_latents(pipe.vae, item["reference"][None])[0])
+        assert torch.equal(tensors["prompt_embeds"], PromptEncoder(pipe, "cpu").encode(item["prompt"]))
+    (tmp_path / manifest["clips"][1]["latents"]).unlink()  # as if killed before writing clip 1
+    before = {f: (tmp_path / f).read_bytes() for f in (manifest["clips"][0]["latents"], "manifest.json")}
+    assert prepare_mini(tmp_path, clips=3, workers=0, progress=False) == manifest
+    assert all((tmp_path / f).read_bytes() == data for f, data in before.items())
+
+
 @pytest.fixture(scope="module")
 def standin_pipe():
     return load_mini_pipeline()

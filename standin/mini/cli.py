@@ -5,6 +5,7 @@
     standin mini check clip.mp4 "A child waves on a beach at noon."
     standin mini sheet identities.png
     standin mini train-identity
+    standin mini prepare --out runs/mini_data --clips 3000
 """
 
 import json
@@ -15,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from standin.io import atomic_write, save_image
-from standin.mini import sheet, train_identity, world
+from standin.mini import prepare, sheet, train_identity, world
 from standin.mini.data import make_clip, make_reference
 from standin.mini.identity import check_prompt
 from standin.video import save_video
@@ -78,4 +79,8 @@ def add_parser(subparsers):
     train = commands.add_parser("train-identity", help="train and evaluate the mini face model (resumable)")
     train_identity.add_arguments(train)
     train.set_defaults(func=train_identity.run)
+
+    pre_encoded = commands.add_parser("prepare", help="pre-encode mini-world training clips for `standin train`")
+    prepare.add_arguments(pre_encoded)
+    pre_encoded.set_defaults(func=prepare.run)
     return mini

@@ -19,6 +19,10 @@ MINI_ADAPTER = WEIGHTS / "standin_adapter.safetensors"
 # frame count works); references are 64x64.
 MINI_SIZES = dict(height=64, width=64, num_frames=17)
 MINI_FPS = 8  # the world's actions span a clip: 17 frames play in two seconds
+# The Euler shift the mini base is trained and sampled with (recorded in its model_index.json). Wan's 5 suits its
+# ~30k tokens a clip; at 272 tokens a shift of 5 leaves the low noise levels, where faces get their features,
+# almost untrained (as SD3 found, the right shift grows with resolution).
+MINI_SHIFT = 2.0
 
 
 def load_mini_pipeline(device=None, adapter: bool = True) -> StandInPipeline:

@@ -12,8 +12,8 @@ exactly zero and they stay zero, so the VAE is exactly frame-wise on videos (and
 the 3-D work, see `one_frame_convs`). Stage 2 encodes clips of the mini world's train split once (the VAE is
 frozen from then on), then trains a UMT5 text encoder and a WanTransformer3DModel jointly with Wan's flow
 matching: x_t = (1 - sigma) x0 + sigma noise, velocity target noise - x0, timestep 1000 sigma, with sigma
-drawn from the sampler's own distribution (a uniform sigma shifted by 5, so training sees the noise levels
-in the proportions the shift-5 Euler sampler visits them).
+drawn from the sampler's own distribution (a uniform sigma shifted by MINI_SHIFT, so training sees the noise
+levels in the proportions the Euler sampler visits them; the exported pipeline records that shift).
 
 Every stage resumes: a killed run started again with the same command continues from its last checkpoint
 (model, optimizer, LR schedule, step) exactly as if it had never stopped, because all randomness of step s
@@ -47,7 +47,7 @@ from standin.io import atomic_write, save_image, save_text
 from standin.mini import world
 from standin.mini.data import (HELDOUT_IDENTITIES, MiniClipDataset, make_clip, make_reference, split_identity,
                                to_tensor)
-from standin.mini.model import MINI_SIZES
+from standin.mini.model import MINI_SHIFT, MINI_SIZES
 from standin.mini.prompts import sample_prompt
 from standin.mini.tokenizer import mini_tokenizer
 from standin.pipeline import WAN_NEGATIVE_PROMPT, StandInPipeline, standin_scheduler
@@ -88,14 +88,14 @@ class T2VConfig:
     layers: int = 6
     ffn_dim: int = 512
     freq_dim: int = 64
-    steps: int = 1000
+    steps: int = 3000
     batch: int = 16
     lr: float = 1e-3
     warmup: int = 100
     min_lr: float = 0.1  # of lr, at the end of the cosine decay
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    shift: float = 5.0  # of the training sigma distribution (the sampler's shift)
+    shift: float = MINI_SHIFT  # of the training sigma distribution (the sampler's shift)
     prompt_dropout: float = 0.1  # the unconditional branch of classifier-free guidance
     checkpoint_every: int = 100
     seed: int = 0
@@ -508,9 +508,9 @@ def assemble_pipeline(work: Path) -> StandInPipeline:
     pipe = StandInPipeline(
         tokenizer=PreTrainedTokenizerFast.from_pretrained(t2v_folder / "tokenizer"),
         text_encoder=UMT5EncoderModel.from_pretrained(t2v_folder / "text_encoder").eval(),
-        vae=AutoencoderKLWan.from_pretrained(vae_folder).eval(), scheduler=standin_scheduler(),
+        vae=AutoencoderKLWan.from_pretrained(vae_folder).eval(),
         transformer=WanTransformer3DModel.from_pretrained(t2v_folder / "transformer").eval(),
-        reference_size=REFERENCE_SIZE,
+        scheduler=standin_scheduler(MINI_SHIFT), reference_size=REFERENCE_SIZE, sampler_shift=MINI_SHIFT,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -622,11 +622,12 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", help="t2v: where the text encoder and transformer train (cuda: "
                         "minutes instead of an hour; the result differs from the CPU run only by float rounding)")
     parser.add_argument("--workers", type=int, default=1, help="t2v: processes rendering clips for the cache")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1 is fastest on a shared CPU: more threads wait on each other)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's, all cores; 1 when other work shares the CPU)")
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(args.work / f"{args.stage}.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))

@@ -58,7 +58,8 @@ def add_parser(subparsers) -> None:
     optim.add_argument("--warmup-steps", type=int, default=c.warmup_steps)
     optim.add_argument("--max-grad-norm", type=float, default=c.max_grad_norm)
     optim.add_argument("--timestep-sampling", choices=("uniform", "logit_normal"), default=c.timestep_sampling)
-    optim.add_argument("--shift", type=float, default=c.shift, help="sigma shift (the sampler's is 5)")
+    optim.add_argument("--shift", type=float, default=c.shift,
+                       help="sigma shift (None: the base's sampler shift, 5 for Wan)")
     optim.add_argument("--seed", type=int, default=c.seed)
     system = train.add_argument_group("memory and processes")
     system.add_argument("--gradient-checkpointing", action="store_true", help="recompute blocks in the backward pass")

@@ -37,7 +37,7 @@ class TrainConfig:
     warmup_steps: int = 100
     max_grad_norm: float = 1.0
     timestep_sampling: str = "uniform"  # or "logit_normal"
-    shift: float = 5.0
+    shift: float | None = None  # None: the base's sampler shift (5 for Wan, standin.loading.sampler_shift)
     seed: int = 0
     gradient_checkpointing: bool = False
     fsdp: bool = False

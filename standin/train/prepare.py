@@ -174,13 +174,12 @@ class ClipEncoder:
                 "text_dim": transformer.config.text_dim, "reference_size": self.pipe.config.reference_size,
                 "max_sequence_length": MAX_SEQUENCE_LENGTH}
 
-    def encode(self, clip_file: Path, caption: str, reference) -> dict[str, torch.Tensor]:
-        video = frames_to_tensor(read_video(clip_file))[None]
-        reference = np.asarray(square_reference(reference, self.pipe.config.reference_size))
+    def encode(self, video: torch.Tensor, caption: str, reference: torch.Tensor) -> dict[str, torch.Tensor]:
+        """video [3, T, H, W] and reference [3, 1, S, S] in [-1, 1], S the base's reference size."""
         return {
-            "latents": vae_latents(self.pipe.vae, video)[0].cpu(),
+            "latents": vae_latents(self.pipe.vae, video[None])[0].cpu(),
             "prompt_embeds": self.prompts.encode(caption).cpu(),
-            "reference_latents": vae_latents(self.pipe.vae, frames_to_tensor(reference[None])[None])[0].cpu(),
+            "reference_latents": vae_latents(self.pipe.vae, reference[None])[0].cpu(),
         }
 
 
@@ -217,7 +216,10 @@ def prepare_video(video: Path, name: str, output: Path, settings: PrepareSetting
                  "reference_frame": reference_index, "reference_crop": reference.describe()}
         if encoder is not None:
             latents_file = Path("latents") / f"{clip_id}.safetensors"
-            tensors = encoder.encode(output / clip_file, caption, reference.image)
+            # the stored (compressed) clip, not the frames before compression: what a pixel run would read
+            square = np.asarray(square_reference(reference.image, encoder.pipe.config.reference_size))
+            tensors = encoder.encode(frames_to_tensor(read_video(output / clip_file)), caption,
+                                     frames_to_tensor(square[None]))
             atomic_write(output / latents_file, partial(save_file, tensors))
             entry["latents"] = str(latents_file)
         entries.append(entry)

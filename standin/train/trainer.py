@@ -54,6 +54,10 @@ class Trainer:
     """Set up from a TrainConfig (resuming the run in config.output if asked), then `train()`."""
 
     def __init__(self, config: TrainConfig, accelerator: Accelerator | None = None):
+        if config.shift is None:  # training sees noise levels in the proportions the base's sampler visits them
+            from standin.loading import sampler_shift
+
+            config = dataclasses.replace(config, shift=sampler_shift(config.base))
         self.config = config
         if accelerator is None:
             cuda = torch.cuda.is_available()
