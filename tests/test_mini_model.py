@@ -140,6 +140,9 @@ def test_prepared_mini_clips_are_the_on_the_fly_ones_encoded(pipe, tmp_path):
     before = {f: (tmp_path / f).read_bytes() for f in (manifest["clips"][0]["latents"], "manifest.json")}
     assert prepare_mini(tmp_path, clips=3, workers=0, progress=False) == manifest
     assert all((tmp_path / f).read_bytes() == data for f, data in before.items())
+    other_base = shutil.copytree(MINI_WEIGHTS, tmp_path.parent / "other_base")
+    with pytest.raises(ValueError, match="begun with another base"):
+        prepare_mini(tmp_path, clips=3, base=other_base, workers=0, progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -38,6 +38,12 @@ def prepare_mini(out: str | Path, clips: int, base: str | Path = MINI_WEIGHTS, w
     (out / "latents").mkdir(parents=True, exist_ok=True)
     (out / "references").mkdir(parents=True, exist_ok=True)
     encoder = ClipEncoder(str(base), device="cpu")
+    # A folder is completed only by the base that began it: clips encoded by two bases must never mix.
+    started_with = out / "encoded_with.json"
+    if started_with.exists() and json.loads(started_with.read_text()) != encoder.describe():
+        raise ValueError(f"{out} was begun with another base ({started_with.read_text().strip()}); "
+                         "choose a new --out folder")
+    save_text(json.dumps(encoder.describe()), started_with)
     frames, height, width = MINI_SIZES["num_frames"], MINI_SIZES["height"], MINI_SIZES["width"]
     dataset = mini_dataset("train", clips, frames, height, width, encoder.pipe.config.reference_size)
 
