@@ -16,8 +16,9 @@ def test_table_json_and_comparison_sheet(tmp_path):
     save_adapter(pipe.adapters["transformer"], tmp_path / "adapter.safetensors")
     assert main(["--base", str(tmp_path / "base"), "--adapter", f"standin={tmp_path / 'adapter.safetensors'}",
                  "--adapter", f"twice={tmp_path / 'adapter.safetensors'}", "--count", "2", "--steps", "2",
-                 "--reference-clips", "4", "--out", str(tmp_path / "results")]) == 0
+                 "--reference-clips", "4", "--guidance", "3", "--out", str(tmp_path / "results")]) == 0
     report = json.loads((tmp_path / "results.json").read_text())
+    assert report["guidance"] == 3.0
     assert set(report["summary"]) == {"world", "vae", "base", "standin", "twice"}
     # Reference use: the loss without a reference is the base's, whatever the adapter; the same adapter twice gives
     # the same numbers; a reference changes the prediction.

@@ -187,7 +187,7 @@ def comparison_sheet(examples: list[dict], frames_shown: int = 6) -> Image.Image
 
 
 def evaluate(base, adapters: dict[str, str], count: int, out: str, steps: int = 20, seed: int = 0,
-             size=(17, 64, 64), examples: int = 3, reference_clips: int = 48) -> dict:
+             size=(17, 64, 64), examples: int = 3, reference_clips: int = 48, guidance: float = 5.0) -> dict:
     pipe = load_pipeline(base, device="cpu")
     pipe.set_progress_bar_config(disable=True)
     loaded = {name: load_adapter(path, pipe.transformer) for name, path in adapters.items()}
@@ -204,7 +204,8 @@ def evaluate(base, adapters: dict[str, str], count: int, out: str, steps: int = 
                 pipe.set_standin_adapter(loaded[name])
             result = pipe(prompt=str(prompt), reference_image=None if name == "base" else Image.fromarray(reference),
                           preprocess_reference=False, height=height, width=width, num_frames=frames_count,
-                          num_inference_steps=steps, generator=torch.Generator().manual_seed(seed + index))
+                          num_inference_steps=steps, guidance_scale=guidance,
+                          generator=torch.Generator().manual_seed(seed + index))
             videos[name] = to_uint8(result.frames[0])
         for name, frames in videos.items():
             rows[name].append({"identity": identity_id, "prompt": str(prompt), **measure(frames, reference, prompt,
@@ -214,7 +215,7 @@ def evaluate(base, adapters: dict[str, str], count: int, out: str, steps: int = 
     summary = {name: summarize(values, None if name in ("world", "vae", "base") else rows["base"])
                for name, values in rows.items()}
     use = reference_use(pipe, loaded, reference_clips, seed, size) if reference_clips else {}
-    report = {"base": str(base), "adapters": adapters, "count": count, "steps": steps, "seed": seed,
+    report = {"base": str(base), "adapters": adapters, "count": count, "steps": steps, "guidance": guidance, "seed": seed,
               "size": list(size), "seconds": round(time.perf_counter() - started, 1), "summary": summary,
               "reference_use": {"clips": reference_clips, "loss": use}, "clips": rows}
     text = markdown_table(summary)
@@ -236,6 +237,7 @@ def main(argv=None) -> int:
                         help="standin=..., vanilla=..., shared=... (the table's rows b-d), or any other name")
     parser.add_argument("--count", type=int, default=24, help="held-out (identity, prompt) pairs")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=5.0, help="text guidance scale (1: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reference-clips", type=int, default=48,
                         help="held-out clips for the reference-use losses (0: skip)")
@@ -246,7 +248,8 @@ def main(argv=None) -> int:
     adapters = dict(item.split("=", 1) for item in args.adapter)
     if set(adapters) & {"world", "vae", "base"}:
         parser.error("'world', 'vae' and 'base' name the reference-free rows; give the adapter another name")
-    evaluate(args.base, adapters, args.count, args.out, args.steps, args.seed, reference_clips=args.reference_clips)
+    evaluate(args.base, adapters, args.count, args.out, args.steps, args.seed, reference_clips=args.reference_clips,
+             guidance=args.guidance)
     return 0
 
 
