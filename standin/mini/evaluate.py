@@ -215,8 +215,8 @@ def evaluate(base, adapters: dict[str, str], count: int, out: str, steps: int = 
     summary = {name: summarize(values, None if name in ("world", "vae", "base") else rows["base"])
                for name, values in rows.items()}
     use = reference_use(pipe, loaded, reference_clips, seed, size) if reference_clips else {}
-    report = {"base": str(base), "adapters": adapters, "count": count, "steps": steps, "guidance": guidance, "seed": seed,
-              "size": list(size), "seconds": round(time.perf_counter() - started, 1), "summary": summary,
+    report = {"base": str(base), "adapters": adapters, "count": count, "steps": steps, "guidance": guidance,
+              "seed": seed, "size": list(size), "seconds": round(time.perf_counter() - started, 1), "summary": summary,
               "reference_use": {"clips": reference_clips, "loss": use}, "clips": rows}
     text = markdown_table(summary)
     if use:

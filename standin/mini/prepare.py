@@ -38,12 +38,13 @@ def prepare_mini(out: str | Path, clips: int, base: str | Path = MINI_WEIGHTS, w
     (out / "latents").mkdir(parents=True, exist_ok=True)
     (out / "references").mkdir(parents=True, exist_ok=True)
     encoder = ClipEncoder(str(base), device="cpu")
+    encoded_with = encoder.describe()
     # A folder is completed only by the base that began it: clips encoded by two bases must never mix.
     started_with = out / "encoded_with.json"
-    if started_with.exists() and json.loads(started_with.read_text()) != encoder.describe():
+    if started_with.exists() and json.loads(started_with.read_text()) != encoded_with:
         raise ValueError(f"{out} was begun with another base ({started_with.read_text().strip()}); "
                          "choose a new --out folder")
-    save_text(json.dumps(encoder.describe()), started_with)
+    save_text(json.dumps(encoded_with), started_with)
     frames, height, width = MINI_SIZES["num_frames"], MINI_SIZES["height"], MINI_SIZES["width"]
     dataset = mini_dataset("train", clips, frames, height, width, encoder.pipe.config.reference_size)
 
@@ -71,7 +72,7 @@ def prepare_mini(out: str | Path, clips: int, base: str | Path = MINI_WEIGHTS, w
                                reference_size=encoder.pipe.config.reference_size, face_backend="mini",
                                background="keep")
     manifest = {"format": "standin-dataset", "version": 1, "settings": asdict(settings), "face_backend": "mini",
-                "encoded_with": encoder.describe(), "source": "the mini world's train split (standin.mini.data)",
+                "encoded_with": encoded_with, "source": "the mini world's train split (standin.mini.data)",
                 "videos": clips, "clips": entries, "skipped": []}
     save_text(json.dumps(manifest, indent=2), out / MANIFEST)
     return manifest
