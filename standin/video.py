@@ -1,12 +1,20 @@
 """Writing generated videos: an mp4 (H.264 through imageio-ffmpeg) and a contact sheet PNG of its frames."""
 
 import os
+from pathlib import Path
 
 import imageio
 import numpy as np
 from PIL import Image
 
 from standin.io import atomic_write
+
+
+def companion_paths(video: str | os.PathLike) -> tuple[Path, Path]:
+    """The files that go with a generated video `name.mp4`: `name.reference.png` (the reference exactly as the
+    model saw it; what `standin eval` pairs the video with) and `name.sheet.png` (a contact sheet of its frames)."""
+    video = Path(video)
+    return video.with_name(f"{video.stem}.reference.png"), video.with_name(f"{video.stem}.sheet.png")
 
 
 def to_uint8(frames) -> np.ndarray:
