@@ -59,12 +59,19 @@ def standin_sigmas(num_inference_steps: int) -> np.ndarray:
 class StandInPipeline(WanPipeline):
     def __init__(self, tokenizer, text_encoder, vae, scheduler, transformer=None, transformer_2=None,
                  boundary_ratio: float | None = None, expand_timesteps: bool = False,
-                 reference_size: int = REFERENCE_SIZE, sampler_shift: float = SAMPLER_SHIFT):
+                 reference_size: int = REFERENCE_SIZE, sampler_shift: float = SAMPLER_SHIFT,
+                 default_height: int = 480, default_width: int = 832, default_num_frames: int = 81,
+                 default_fps: int = 25, preprocess_reference: bool = True):
         super().__init__(tokenizer, text_encoder, vae, scheduler, transformer, transformer_2, boundary_ratio,
                          expand_timesteps)
-        # sampler_shift: the Euler shift the base was trained for, saved with the pipeline so that loading builds
-        # the scheduler with it (5 for Wan; the mini model, at 272 tokens a clip, uses a lower one).
-        self.register_to_config(reference_size=reference_size, sampler_shift=sampler_shift)
+        # What a base was made for, saved in its model_index.json so that every caller follows the base:
+        # sampler_shift, the Euler shift it was trained with (5 for Wan; the mini model, at 272 tokens a clip, a
+        # lower one); the video size and playback rate generated when none is asked for (Wan: 832x480, 81
+        # frames, 25 fps); and whether references are face-cropped first (the mini world draws them cropped).
+        self.register_to_config(reference_size=reference_size, sampler_shift=sampler_shift,
+                                default_height=default_height, default_width=default_width,
+                                default_num_frames=default_num_frames, default_fps=default_fps,
+                                preprocess_reference=preprocess_reference)
         # Stand-In weights, one per expert; not pipeline components, so save_pretrained keeps the base untouched.
         self.adapters: dict[str, StandInAdapter] = {}
 
@@ -163,9 +170,9 @@ class StandInPipeline(WanPipeline):
         prompt: str | list[str] | None = None,
         reference_image=None,
         negative_prompt: str | list[str] | None = WAN_NEGATIVE_PROMPT,
-        height: int = 480,
-        width: int = 832,
-        num_frames: int = 81,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
         num_inference_steps: int = 20,
         guidance_scale: float = 5.0,
         guidance_scale_2: float | None = None,
@@ -174,7 +181,7 @@ class StandInPipeline(WanPipeline):
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
-        preprocess_reference: bool = True,
+        preprocess_reference: bool | None = None,
         cache_reference: bool = True,
         batch_guidance: bool | str = "auto",
         output_type: str = "np",
@@ -187,11 +194,18 @@ class StandInPipeline(WanPipeline):
         """Generate a video of the reference identity doing what the prompt says.
 
         reference_image: PIL image, array or path; None generates exactly what the base Wan model would.
+        height, width, num_frames, preprocess_reference: None takes the base's own (config.default_height, ...).
         cache_reference: compute the reference keys/values once (exact); False recomputes them in every forward,
             as the official implementation does (for comparison and benchmarks).
         batch_guidance: run both guidance branches as one batch (True), one after the other (False), or batched
             until the GPU runs out of memory, then sequential ("auto"). All give the same video.
         """
+        config = self.config
+        height = config.default_height if height is None else height
+        width = config.default_width if width is None else width
+        num_frames = config.default_num_frames if num_frames is None else num_frames
+        if preprocess_reference is None:
+            preprocess_reference = config.preprocess_reference
         experts = self._experts()
         if "transformer" not in experts:
             raise ValueError("StandInPipeline needs `transformer` (the high-noise expert for Wan2.2)")

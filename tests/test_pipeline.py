@@ -101,9 +101,12 @@ def test_cache_is_released_when_a_generation_fails(pipe):
 
 def test_defaults_are_the_published_ones():
     parameters = inspect.signature(StandInPipeline.__call__).parameters
-    defaults = {name: parameters[name].default for name in
-                ("height", "width", "num_frames", "num_inference_steps", "guidance_scale")}
-    assert defaults == dict(height=480, width=832, num_frames=81, num_inference_steps=20, guidance_scale=5.0)
+    defaults = {name: parameters[name].default for name in ("num_inference_steps", "guidance_scale")}
+    assert defaults == dict(num_inference_steps=20, guidance_scale=5.0)
+    # Sizes and playback rate follow the base's config; a Wan folder (which records none) gets the published ones.
+    config = tiny_pipeline().config
+    assert (config.default_height, config.default_width, config.default_num_frames, config.default_fps) == (
+        480, 832, 81, 25)
     assert parameters["negative_prompt"].default.startswith("色调艳丽")
     scheduler = standin_scheduler()
     scheduler.set_timesteps(sigmas=standin_sigmas(20).tolist())
