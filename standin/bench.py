@@ -33,7 +33,7 @@ import psutil
 import torch
 
 from standin.io import save_text
-from standin.models import ReferenceKV, StandInAdapter, StandInTransformer, cast_like_pretrained, video_grid
+from standin.models import StandInAdapter, StandInModel, cast_like_pretrained
 from standin.tiny import tiny_transformer
 
 # Video grids are post-patch tokens (frames, height, width); the reference is ref x ref tokens.
@@ -82,7 +82,7 @@ def build(config: str, layers: int | None, device, dtype, fp8: bool = False):
     transformer = cast_like_pretrained(tiny_transformer(spec["model"]["size"], **overrides).to(device), dtype)
     if fp8:  # weights stored in float8, computed in `dtype`: the 24 GB GPU path
         transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
-    model = StandInTransformer(transformer, StandInAdapter.for_transformer(transformer, rank=128))
+    model = StandInModel(transformer, StandInAdapter.for_transformer(transformer, rank=128))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, parameter in model.adapter.named_parameters():
@@ -120,28 +120,23 @@ def synchronize(device):
 def run_variant(variant, model, latents, reference, text, steps: int, device):
     """One whole generation's transformer work: `steps` batched-guidance forwards."""
     timestep = torch.full((latents.shape[0],), 500.0, device=device)
-    grid = video_grid(model.transformer, latents.shape)
     synchronize(device)
     start = time.perf_counter()
     if variant == "base":
         for _ in range(steps):
             model(latents, timestep, text)
-    elif variant == "kernels":
-        kv = model.encode_reference(reference, grid)
-        empty = ReferenceKV([k[:, :0] for k in kv.keys], [v[:, :0] for v in kv.values], kv.video_grid)
-        synchronize(device)
-        start = time.perf_counter()  # the zero-token reference is free; only the forwards are timed
-        for _ in range(steps):
-            model(latents, timestep, text, reference_kv=empty)
-    elif variant == "cached":
-        kv = model.encode_reference(reference, grid)
-        for _ in range(steps):
-            model(latents, timestep, text, reference_kv=kv)
-    elif variant == "uncached":
-        for _ in range(steps):
-            model(latents, timestep, text, reference_latents=reference)
-    elif variant == "reference":
-        model.encode_reference(reference, grid)
+    elif variant in ("kernels", "cached", "uncached"):
+        with model.reference(reference, latents.shape, cache=variant != "uncached") as stream:
+            if variant == "kernels":  # record the cache, then cut it to zero tokens: only the forwards are timed
+                model(latents, timestep, text)
+                stream.keys_values = [(key[:, :0], value[:, :0]) for key, value in stream.keys_values]
+                synchronize(device)
+                start = time.perf_counter()
+            for _ in range(steps):
+                model(latents, timestep, text)
+    elif variant == "reference":  # one cached forward minus a kernels step is the reference pass (see benchmark)
+        with model.reference(reference, latents.shape, cache=True):
+            model(latents, timestep, text)
     synchronize(device)
     return time.perf_counter() - start
 
@@ -176,10 +171,11 @@ def benchmark(args, config: str) -> Result:
         for variant in times:
             times[variant].append(run_variant(variant, model, latents, reference, text, args.steps, device))
     median = {variant: statistics.median(values) for variant, values in times.items()}
-    reference_pass = median["reference"]
     base_step = median["base"] / args.steps
     kernels_step = median["kernels"] / args.steps
-    cached_step = (median["cached"] - reference_pass) / args.steps
+    # The recording forward = the reference pass + one step with the reference; steps after it are cached.
+    cached_step = (median["cached"] - median["reference"]) / (args.steps - 1)
+    reference_pass = median["reference"] - cached_step
     uncached_step = median["uncached"] / args.steps
     base_flops, extra_step, reference_flops = counted_flops(model, video_tokens, reference_tokens, spec["text"])
     batch = latents.shape[0]
@@ -199,10 +195,11 @@ def benchmark(args, config: str) -> Result:
         cached_over_floor=cached_overhead / floor_step if floor_step else float("nan"),
     )
     if args.memory:
-        grid = video_grid(model.transformer, latents.shape)
-        kv = model.encode_reference(reference, grid)
-        result.cache_mb = kv.num_bytes / 2**20
-        del model, kv
+        timestep = torch.full((latents.shape[0],), 500.0, device=device)
+        with torch.no_grad(), model.reference(reference, latents.shape, cache=True) as stream:
+            model(latents, timestep, text)
+            result.cache_mb = sum(t.numel() * t.element_size() for kv in stream.keys_values for t in kv) / 2**20
+        del model, stream
         result.peak_memory_base_mb = peak_memory_mb(args, "base")
         result.peak_memory_cached_mb = peak_memory_mb(args, "cached")
         result.peak_memory_uncached_mb = peak_memory_mb(args, "uncached")
@@ -252,7 +249,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--layers", type=int, help="override the number of blocks (fit the real sizes on a GPU)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    parser.add_argument("--steps", type=int, default=4, help="denoising steps per measured generation")
+    parser.add_argument("--steps", type=int, default=4, help="denoising steps per measured generation (at least 2)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved repetitions; medians are reported")
     parser.add_argument("--fp8", action="store_true", help="store the base weights in float8 (layerwise casting)")
     parser.add_argument("--memory", action="store_true", help="also measure peak memory per variant")
@@ -274,6 +271,10 @@ def run(args) -> int:
     if args.worker:
         worker(args)
         return 0
+    if args.steps < 2:
+        from standin.cli import fail
+
+        return fail("--steps must be at least 2: the first cached step records the reference, later ones reuse it")
     results = [benchmark(args, config) for config in args.config]
     print_table(results)
     if args.json:

@@ -5,7 +5,7 @@ from_pretrained from any Wan2.1 / Wan2.2 diffusers folder) with its own denoisin
 - the reference image is preprocessed, VAE-encoded and run through the reference stream ONCE per generation
   (per expert for Wan2.2); every step and both guidance branches reuse its keys and values;
 - both guidance branches run as one batch sharing that cache (or one after the other, when memory asks);
-- the defaults are the published checkpoints' (SPEC section 5).
+- the defaults are the published checkpoints' (docs/method.md, sampling).
 """
 
 import contextlib
@@ -21,12 +21,7 @@ from diffusers.utils import BaseOutput
 
 from standin.checkpoint import load_adapter
 from standin.models.adapter import StandInAdapter
-from standin.models.reference import (
-    install_reference_attention,
-    joint_reference_context,
-    reference_context,
-    video_grid,
-)
+from standin.models.reference import install_reference_attention, reference_stream, video_grid
 
 logger = logging.getLogger(__name__)
 
@@ -47,13 +42,32 @@ class StandInPipelineOutput(BaseOutput):
 
 
 def standin_scheduler(shift: float = SAMPLER_SHIFT) -> FlowMatchEulerDiscreteScheduler:
-    """Euler flow matching; shift 5 is the sampler of the published checkpoints (SPEC section 5)."""
+    """Euler flow matching; shift 5 is the sampler of the published checkpoints (docs/method.md, sampling)."""
     return FlowMatchEulerDiscreteScheduler(shift=shift)
 
 
 def standin_sigmas(num_inference_steps: int) -> np.ndarray:
-    """sigma_i = 1 - i/N for i = 0..N-1, before the shift (SPEC section 5)."""
+    """sigma_i = 1 - i/N for i = 0..N-1, before the shift (docs/method.md, sampling)."""
     return 1.0 - np.arange(num_inference_steps) / num_inference_steps
+
+
+def _latent_statistics(vae, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    config = vae.config
+    mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1, 1).to(latents)
+    return mean, torch.tensor(config.latents_std).view(1, -1, 1, 1, 1).to(latents)
+
+
+def normalize_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """VAE latents -> what the transformer sees: per channel (z - latents_mean) / latents_std (Wan's convention,
+    for videos and references alike)."""
+    mean, std = _latent_statistics(vae, latents)
+    return (latents - mean) / std
+
+
+def denormalize_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """The inverse, written as diffusers' WanPipeline writes it (z / (1 / std) + mean), so videos match it to the bit."""
+    mean, std = _latent_statistics(vae, latents)
+    return latents / (1.0 / std) + mean
 
 
 class StandInPipeline(WanPipeline):
@@ -124,11 +138,7 @@ class StandInPipeline(WanPipeline):
         """Square RGB image -> normalised VAE latent [1, C, 1, h, w] (posterior mean), like video latents."""
         pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0)
         pixels = pixels.permute(2, 0, 1)[None, :, None].to(self.vae.device, self.vae.dtype)
-        latent = self.vae.encode(pixels).latent_dist.mean
-        config = self.vae.config
-        mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1, 1).to(latent)
-        std = torch.tensor(config.latents_std).view(1, -1, 1, 1, 1).to(latent)
-        return (latent - mean) / std
+        return normalize_latents(self.vae, self.vae.encode(pixels).latent_dist.mean)
 
     # ---- generation -----------------------------------------------------------------------------------------
     def check_sizes(self, height: int, width: int, num_frames: int) -> None:
@@ -147,21 +157,24 @@ class StandInPipeline(WanPipeline):
         return self.scheduler.timesteps
 
     def _velocity(self, model, latents, timestep, prompt_embeds, negative_prompt_embeds, guidance_scale,
-                  reference_for, batch_guidance: bool, attention_kwargs):
-        """Guided velocity. reference_for(model) is a context manager that makes the reference visible."""
+                  batch_guidance: bool, attention_kwargs):
+        """Guided velocity; both branches see the reference (through the expert's stream)."""
 
-        def forward(x, embeds):
-            with reference_for(model):
+        def forward(x, embeds, branch):
+            # Named as WanPipeline names them, so diffusers' caching hooks (FirstBlockCache, ...) keep one state
+            # per branch.
+            with model.cache_context(branch):
                 t = timestep.expand(x.shape[0])
                 return model(x, t, embeds, attention_kwargs=attention_kwargs, return_dict=False)[0]
 
         if negative_prompt_embeds is None:
-            return forward(latents, prompt_embeds)
+            return forward(latents, prompt_embeds, "cond")
         if batch_guidance:
-            both = forward(torch.cat([latents, latents]), torch.cat([prompt_embeds, negative_prompt_embeds]))
+            both = forward(torch.cat([latents, latents]), torch.cat([prompt_embeds, negative_prompt_embeds]),
+                           "cond_uncond")
             cond, uncond = both.chunk(2)
         else:
-            cond, uncond = forward(latents, prompt_embeds), forward(latents, negative_prompt_embeds)
+            cond, uncond = forward(latents, prompt_embeds, "cond"), forward(latents, negative_prompt_embeds, "uncond")
         return uncond + guidance_scale * (cond - uncond)
 
     @torch.no_grad()
@@ -209,6 +222,9 @@ class StandInPipeline(WanPipeline):
         experts = self._experts()
         if "transformer" not in experts:
             raise ValueError("StandInPipeline needs `transformer` (the high-noise expert for Wan2.2)")
+        if config.expand_timesteps:
+            raise NotImplementedError("expand_timesteps (Wan2.2 TI2V-5B's per-token timesteps) is not supported: "
+                                      "the published Stand-In adapters are for the 14B models")
         if reference_image is not None and set(self.adapters) != set(experts):
             raise ValueError(
                 f"a reference image needs a Stand-In adapter for each expert {sorted(experts)}; "
@@ -253,36 +269,19 @@ class StandInPipeline(WanPipeline):
         if self.config.boundary_ratio is not None and "transformer_2" in experts:
             boundary = self.config.boundary_ratio * self.scheduler.config.num_train_timesteps
 
-        # 4. The reference stream runs inside the experts' forwards, where offloading hooks (model CPU offload,
-        # group offloading) bring the weights. With the cache, the first forward of each expert records the
-        # reference keys and values and later ones reuse them; the caches live exactly for this loop.
-        # Vanilla-attention adapters (an ablation) make the reference depend on the video: nothing to cache.
-        if reference is not None:
-            for adapter in self.adapters.values():
-                adapter.to(device)
-            reference_latents = reference_latents.to(device)
-        caches = {}
-
-        @contextlib.contextmanager
-        def reference_for(model):
-            if reference is None:
-                yield
-                return
-            name = "transformer" if model is experts["transformer"] else "transformer_2"
-            if name in caches:
-                with reference_context(model, caches[name]):
-                    yield
-                return
-            adapter = self.adapters[name]
-            record = cache_reference and adapter.attention == "restricted"
-            with joint_reference_context(model, adapter, reference_latents, grid, record) as joint:
-                yield
-            if record:
-                caches[name] = joint.recorded
-
+        # 4. One reference stream per expert for this loop: it runs inside the expert's forwards (where offloading
+        # hooks bring the weights); with the cache, the expert's first forward records the reference keys and
+        # values and later ones reuse them. Vanilla-attention adapters (an ablation) make the reference depend on
+        # the video: nothing to cache.
         self._num_timesteps = len(timesteps)
         self.scheduler.set_begin_index(0)
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
+        with contextlib.ExitStack() as streams, self.progress_bar(total=len(timesteps)) as progress_bar:
+            if reference is not None:
+                reference_latents = reference_latents.to(device)
+                for name, model in experts.items():
+                    adapter = self.adapters[name].to(device)
+                    cache = cache_reference and adapter.attention == "restricted"
+                    streams.enter_context(reference_stream(model, adapter, reference_latents, grid, cache))
             for i, t in enumerate(timesteps):
                 if self._interrupt:
                     break
@@ -290,8 +289,7 @@ class StandInPipeline(WanPipeline):
                 high_noise = boundary is None or t >= boundary
                 model = experts["transformer"] if high_noise else experts["transformer_2"]
                 scale = guidance_scale if high_noise else guidance_scale_2
-                args = (model, latents.to(transformer_dtype), t, prompt_embeds, negative_prompt_embeds, scale,
-                        reference_for)
+                args = (model, latents.to(transformer_dtype), t, prompt_embeds, negative_prompt_embeds, scale)
                 if batch_guidance == "auto":
                     try:
                         velocity = self._velocity(*args, True, attention_kwargs)
@@ -319,12 +317,8 @@ class StandInPipeline(WanPipeline):
         if output_type == "latent":
             video = latents
         else:
-            latents = latents.to(self.vae.device, self.vae.dtype)
-            config = self.vae.config
-            mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1, 1).to(latents)
-            inverse_std = 1.0 / torch.tensor(config.latents_std).view(1, -1, 1, 1, 1).to(latents)
-            # Divided by the inverse, as diffusers' WanPipeline does, so that videos match it to the bit.
-            video = self.vae.decode(latents / inverse_std + mean, return_dict=False)[0]
+            latents = denormalize_latents(self.vae, latents.to(self.vae.device, self.vae.dtype))
+            video = self.vae.decode(latents, return_dict=False)[0]
             video = self.video_processor.postprocess_video(video, output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

@@ -3,12 +3,15 @@
 import json
 import math
 
+import pytest
+
 from standin.cli import main
 
 
+@pytest.mark.slow
 def test_bench_reports_ratios_floor_and_memory(tmp_path, capsys):
     output = tmp_path / "bench.json"
-    assert main(["bench", "--config", "tiny", "--steps", "1", "--rounds", "1", "--memory", "--json", str(output)]) == 0
+    assert main(["bench", "--config", "tiny", "--steps", "2", "--rounds", "1", "--memory", "--json", str(output)]) == 0
     result = json.loads(output.read_text())["results"][0]
     assert result["video_tokens"] == 5 * 12 * 20 and result["reference_tokens"] == 36
     # Counted floor: video queries over 36 more keys, against everything else a step does.
@@ -21,3 +24,8 @@ def test_bench_reports_ratios_floor_and_memory(tmp_path, capsys):
     # The overhead is over the same video work through the same kernels, and separately over diffusers' base.
     assert math.isclose(result["cached_step_overhead"], result["cached_step_s"] / result["kernels_step_s"] - 1)
     assert math.isclose(result["cached_step_vs_diffusers"], result["cached_step_s"] / result["base_step_s"] - 1)
+
+
+def test_bench_needs_two_steps(capsys):
+    assert main(["bench", "--config", "tiny", "--steps", "1"]) == 1
+    assert "at least 2" in capsys.readouterr().err

@@ -8,7 +8,7 @@ from conftest import randomize_lora_up
 from safetensors.torch import load_file, save_file
 
 from standin.checkpoint import AdapterFileError, convert, load_adapter, read_state_dict, save_adapter
-from standin.models import StandInAdapter, StandInTransformer
+from standin.models import StandInAdapter, StandInModel
 from standin.tiny import tiny_transformer
 
 RANK = 4
@@ -29,7 +29,7 @@ def official_state_dict(transformer, only=None, seed=0):
 
 def output(transformer, adapter, inputs):
     with torch.no_grad():
-        return StandInTransformer(transformer, adapter)(**inputs)[0]
+        return StandInModel(transformer, adapter)(**inputs)[0]
 
 
 def test_official_ckpt_loads_into_the_right_block_and_projection(tmp_path, inputs):

@@ -3,16 +3,20 @@
 Group offloading to disk is used on CPU because it makes a missed onload visible: an offloaded group's tensors are
 left uninitialised (torch.empty_like) until its hook onloads them, so any computation that bypasses the hooks
 reads garbage instead of failing silently on the same device.
+
+Equal up to float rounding, not to the bit: the hooks onload weights read back from a file, at other addresses than
+the originals, and BLAS kernels may sum in another order for differently aligned data (seen on one machine: 3e-6 in
+the output of a generation with a reference, where the batch-1 timestep-0 modulation runs a matrix-vector product;
+0 on others). A missed onload reads uninitialised memory: differences of order 1, or NaN.
 """
 
 import pytest
-import torch
-from test_pipeline import reference_image, run
+from conftest import reference_image, relative_error, run
 
-from standin.models import StandInTransformer, video_grid
 from standin.tiny import tiny_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+TOLERANCE = 1e-5  # relative; rounding differences are ~1e-6, a missed onload is ~1
 
 
 def offloaded_pipeline(tmp_path, offload_type):
@@ -28,12 +32,4 @@ def test_group_offloaded_transformer_generates_the_same_video(tmp_path, offload_
     reference = reference_image()
     expected = run(tiny_pipeline(), reference, cache_reference=cache_reference)
     got = run(offloaded_pipeline(tmp_path, offload_type), reference, cache_reference=cache_reference)
-    assert torch.equal(got, expected)
-
-
-def test_standalone_reference_encoding_refuses_group_offloading(tmp_path):
-    pipe = offloaded_pipeline(tmp_path, "block_level")
-    model = StandInTransformer(pipe.transformer, pipe.adapters["transformer"])
-    latents = torch.zeros(1, 16, 1, 4, 4)
-    with pytest.raises(RuntimeError, match="group offloading"):
-        model.encode_reference(latents, video_grid(pipe.transformer, (1, 16, 2, 4, 4)))
+    assert relative_error(got, expected) <= TOLERANCE

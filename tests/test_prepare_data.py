@@ -10,7 +10,6 @@ import pytest
 import skimage.data
 import torch
 from PIL import Image
-from test_train import tiny_base  # noqa: F401 (fixture)
 
 from standin.cli import main
 from standin.train.data import PreparedDataset, PromptEncoder, vae_latents
@@ -94,6 +93,7 @@ def test_windows_follow_the_frame_rates():
     assert clip_windows(5, 10.0, settings) == [[0, 1, 2, 3, 4]]
 
 
+@pytest.mark.slow
 def test_cli_default_caption_and_pre_encoding_match_the_pixel_path(videos, tiny_base, tmp_path, capsys):
     """--default-caption rescues the uncaptioned video; --encode-with stores exactly what training would
     compute from the clip's pixels (the same decoded frames, reference and prompt)."""

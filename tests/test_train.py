@@ -11,86 +11,20 @@ import sys
 import time
 from pathlib import Path
 
-import imageio
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, losses, train_config
 from diffusers import WanTransformer3DModel
 from safetensors.torch import load_file
 
-import standin
 from standin.checkpoint import load_adapter
 from standin.cli import main
-from standin.faces.base import Face
-from standin.tiny import tiny_pipeline
 from standin.train import checkpoints
-from standin.train.config import PrepareSettings, TrainConfig
 from standin.train.data import SampleStream, StepBatches
-from standin.train.prepare import prepare_dataset
 from standin.train.trainer import Trainer
 
-REPO = Path(standin.__file__).parents[1]
-
-
-class CentreFace:
-    """A face backend that finds one face in the middle of any frame: training tests need no face detector."""
-
-    name = "centre"
-
-    def detect(self, image):
-        height, width = image.shape[:2]
-        return [Face(box=(0.3 * width, 0.2 * height, 0.7 * width, 0.7 * height))]
-
-    def embed(self, image, face):
-        return np.full(4, 0.5, np.float32)
-
-
-def write_square_videos(folder: Path, count: int = 3, frames: int = 30) -> None:
-    """Small captioned videos: a coloured square moving down over moving stripes, different per video."""
-    folder.mkdir(parents=True, exist_ok=True)
-    _, xx = np.mgrid[:48, :64]
-    for v in range(count):
-        video = []
-        for t in range(frames):
-            image = np.repeat((np.sin(xx / 7 + t / 4 + v) * 60 + 120)[..., None], 3, axis=2).astype(np.uint8)
-            image[10 + t // 3 : 30 + t // 3, 20 + 5 * v : 40 + 5 * v] = (30 + 40 * v, 200 - 50 * v, 80 + 60 * v)
-            video.append(image)
-        imageio.mimwrite(folder / f"square{v}.mp4", video, fps=25, macro_block_size=1)
-        (folder / f"square{v}.txt").write_text(f"a square number {v} moves down")
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("base") / "tiny"
-    tiny_pipeline(with_adapter=False).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def encoded_data(tmp_path_factory, tiny_base) -> Path:
-    """A pre-encoded dataset (latents, text embeddings, reference latents of the tiny base) of three clips."""
-    root = tmp_path_factory.mktemp("data")
-    write_square_videos(root / "videos")
-    settings = PrepareSettings(height=32, width=32, num_frames=9, fps=12.5, reference_size=32, background="keep")
-    prepare_dataset(root / "videos", root / "dataset", settings, encode_with=str(tiny_base), device="cpu",
-                    backend=CentreFace(), progress=False)
-    return root / "dataset"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    torch.set_num_threads(1)  # polite on shared CPUs, and the same arithmetic as the OMP_NUM_THREADS=1 subprocesses
-
-
-def train_config(base, data, output, **overrides) -> TrainConfig:
-    settings = dict(steps=6, batch_size=2, rank=8, lr=1e-2, warmup_steps=2, num_workers=0, val_count=0,
-                    checkpoint_every=2, progress=False)
-    return TrainConfig(base=str(base), data=str(data), output=str(output), **{**settings, **overrides})
-
-
-def losses(run_dir: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def assert_same_adapter(run: Path, reference: Path) -> None:
     adapter, expected = load_file(str(run / "adapter.safetensors")), load_file(str(reference / "adapter.safetensors"))
@@ -270,6 +204,7 @@ def test_a_finished_run_extended_with_more_steps_equals_the_longer_run(tiny_base
         Trainer(train_config(tiny_base, encoded_data, tmp_path / "linear", resume=True, **{**linear, "steps": 3}))
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_moment_then_resume_is_exact(tiny_base, encoded_data, tmp_path):
     """The real thing: `standin train` killed with SIGKILL somewhere after its first checkpoint."""
     settings = dict(steps=150, batch_size=2, checkpoint_every=10, rank=8, lr=1e-2, warmup_steps=2)

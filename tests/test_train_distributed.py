@@ -21,14 +21,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, losses, train_config
 from diffusers import WanTransformer3DModel
 from safetensors.torch import load_file
-from test_train import REPO, encoded_data, losses, one_thread, tiny_base, train_config  # noqa: F401 (fixtures)
 
 from standin.checkpoint import load_adapter
 from standin.train import checkpoints
 from standin.train.trainer import Trainer
 
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 SETTINGS = dict(steps=8, rank=8, lr=1e-2, warmup_steps=2, checkpoint_every=4)
 GLOBAL_BATCH = 2
 

@@ -73,7 +73,7 @@ def reference_use(pipe, adapters: dict, count: int = 48, seed: int = 0, size=(17
     none (the base). Independent of how well the model draws: a model that uses the identity has right < base <
     wrong."""
     from standin.mini.data import MiniClipDataset
-    from standin.models import StandInTransformer
+    from standin.models import StandInModel
     from standin.train.data import PromptEncoder, vae_latents
 
     if not adapters:
@@ -96,7 +96,7 @@ def reference_use(pipe, adapters: dict, count: int = 48, seed: int = 0, size=(17
             errors.append(((prediction - target[part]) ** 2).flatten(1).mean(1))
         return float(torch.cat(errors).mean())
 
-    models = {name: StandInTransformer(pipe.transformer, adapter).eval() for name, adapter in adapters.items()}
+    models = {name: StandInModel(pipe.transformer, adapter).eval() for name, adapter in adapters.items()}
     results = {name: {} for name in adapters}
     for sigma in REFERENCE_SIGMAS:
         noisy, target = (1 - sigma) * clean + sigma * noise, noise - clean

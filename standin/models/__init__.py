@@ -1,25 +1,21 @@
 from standin.models.adapter import DEFAULT_RANK, StandInAdapter
+from standin.models.model import StandInModel, cast_like_pretrained
 from standin.models.reference import (
-    ReferenceKV,
-    encode_reference,
+    ReferenceStream,
     install_reference_attention,
-    joint_reference_context,
-    reference_context,
     reference_rope,
+    reference_stream,
     video_grid,
 )
-from standin.models.transformer import StandInTransformer, cast_like_pretrained
 
 __all__ = [
     "DEFAULT_RANK",
-    "ReferenceKV",
+    "ReferenceStream",
     "StandInAdapter",
-    "StandInTransformer",
+    "StandInModel",
     "cast_like_pretrained",
-    "encode_reference",
     "install_reference_attention",
-    "joint_reference_context",
-    "reference_context",
     "reference_rope",
+    "reference_stream",
     "video_grid",
 ]

@@ -22,7 +22,8 @@ class LoRA(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # A ~ N(0, 1/rank), B = 0: an untrained adapter adds nothing to the projections.
+        # A normal with standard deviation 1/rank (the published code's initialisation), B = 0: an untrained
+        # adapter adds nothing to the projections.
         nn.init.normal_(self.down.weight, std=1.0 / self.down.out_features)
         nn.init.zeros_(self.up.weight)
 

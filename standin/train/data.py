@@ -163,11 +163,10 @@ def vae_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
     """Pixels [B, 3, T, H, W] in [-1, 1] -> normalised latents (posterior mean), as the pipeline encodes references.
 
     One sample at a time, so that a sample's latents never depend on what else is in its batch."""
-    config = vae.config
+    from standin.pipeline import normalize_latents
+
     latents = torch.cat([vae.encode(p[None].to(vae.device, vae.dtype)).latent_dist.mean for p in pixels])
-    mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1, 1).to(latents)
-    std = torch.tensor(config.latents_std).view(1, -1, 1, 1, 1).to(latents)
-    return (latents - mean) / std
+    return normalize_latents(vae, latents)
 
 
 class PromptEncoder:

@@ -1,13 +1,10 @@
 """Sharding model and optimizer over processes (FSDP2, `--fsdp`): for a base too large to replicate on every GPU.
 
-Units. accelerate's FSDP plugin (and the usual recipe) makes one unit per transformer block, whose parameters
-are gathered when the block's forward runs. Stand-In's reference stream does not run blocks' forwards: it calls
-each block's layers itself (standin.models.reference.encode_reference), and validation runs the inner
-transformer through the pipeline, outside the wrapper. So the units here are the layers that are always
-called through their own forward: every Linear and Conv3d of the base (99.99% of its parameters) and every LoRA
-of the adapter. The rest (norm weights, modulation tables; all frozen) stays replicated: frozen, it never
-needs a gradient reduction. The StandInTransformer is the root unit: it owns no parameters, but makes the
-layers reshard after their forward (FSDP keeps a root's own parameters gathered) and orders the hooks.
+Units, as accelerate's FSDP plugin and the usual recipe make them: one per transformer block (the reference stream
+runs inside each block's forward, so a block's parameters are gathered for both streams at once), the rest of the
+transformer (patch and condition embeddings, output head: gathered when the pipeline calls the transformer
+directly, as validation does), and each LoRA of the adapter (called through its own forward inside its block).
+The StandInModel is the root unit; it owns no parameters of its own.
 """
 
 import torch
@@ -22,14 +19,12 @@ from standin.models.adapter import LoRA
 
 
 def shard_model(model: nn.Module, device: torch.device) -> None:
-    """Shard a StandInTransformer in place over all processes (see the module docstring), then move it to `device`."""
+    """Shard a StandInModel in place over all processes (see the module docstring), then move it to `device`."""
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    units = [m for m in model.transformer.modules() if isinstance(m, (nn.Linear, nn.Conv3d))]
-    units += [m for m in model.adapter.modules() if isinstance(m, LoRA)]
-    for unit in units:
+    for unit in [*model.transformer.blocks, *(m for m in model.adapter.modules() if isinstance(m, LoRA))]:
         fully_shard(unit, mesh=mesh)
-    sharded = {id(p) for unit in units for p in unit.parameters()}
-    fully_shard(model, mesh=mesh, ignored_params={p for p in model.parameters() if id(p) not in sharded})
+    fully_shard(model.transformer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     model.to(device)
 
 

@@ -1,4 +1,4 @@
-"""Training Stand-In adapters on a frozen Wan base (SPEC sections 5 and 9).
+"""Training Stand-In adapters on a frozen Wan base (docs/method.md; docs/training.md).
 
 Objective (flow matching, as the sampler expects): x_t = (1 - sigma) x0 + sigma * noise, the model regresses
 the velocity noise - x0 with a plain MSE, timestep = 1000 * sigma. sigma = shift(u) = s*u / (1 + (s-1)*u) with
@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from standin.checkpoint import load_adapter, save_adapter
 from standin.io import save_text
 from standin.mini.model import MINI_FPS, MINI_SIZES
-from standin.models import StandInAdapter, StandInTransformer
+from standin.models import StandInAdapter, StandInModel
 from standin.train import checkpoints, parallel
 from standin.train.config import TrainConfig
 from standin.train.data import (
@@ -124,9 +124,9 @@ class Trainer:
         else:
             adapter = StandInAdapter.for_transformer(self.pipe.transformer, c.rank, attention=c.attention,
                                                      positions=c.positions)
-        model = StandInTransformer(self.pipe.transformer, adapter=adapter).freeze_base()
-        if c.gradient_checkpointing:
-            model.enable_gradient_checkpointing()
+        model = StandInModel(self.pipe.transformer, adapter=adapter).freeze_base()
+        if c.gradient_checkpointing:  # diffusers' own: each block is recomputed in backward, reference pass included
+            model.transformer.enable_gradient_checkpointing()
         if c.fsdp:
             parallel.shard_model(model, self.device)
             self.wrapped = model
@@ -225,16 +225,21 @@ class Trainer:
             noise.append(torch.randn(shape, generator=generator))
         return torch.stack(noise).to(self.device), shifted_sigma(torch.stack(u), c.shift).to(self.device)
 
-    def loss(self, batch: dict) -> torch.Tensor:
+    def loss(self, batch: dict, backward_scale: float | None = None) -> torch.Tensor:
+        """The batch's flow-matching loss; with backward_scale, also backpropagates loss * backward_scale, inside
+        the reference stream, where gradient checkpointing recomputes the blocks with their reference."""
         latents, prompt_embeds, reference_latents = self.model_inputs(batch)
         noise, sigma = self.noise_and_sigma(latents.shape[1:], batch["position"].tolist())
         s = sigma.view(-1, 1, 1, 1, 1)
         noisy, target = (1 - s) * latents + s * noise, noise - latents
         dtype = self.model.transformer.dtype
-        with self.accelerator.autocast():
-            prediction = self.wrapped(noisy.to(dtype), sigma * 1000, prompt_embeds.to(dtype),
-                                      reference_latents=reference_latents.to(dtype))[0]
-        return F.mse_loss(prediction.float(), target)
+        with self.model.reference(reference_latents.to(dtype), latents.shape):
+            with self.accelerator.autocast():
+                prediction = self.wrapped(noisy.to(dtype), sigma * 1000, prompt_embeds.to(dtype))[0]
+            loss = F.mse_loss(prediction.float(), target)
+            if backward_scale is not None:
+                self.accelerator.backward(loss * backward_scale)
+        return loss
 
     def train_step(self, batches) -> dict:
         """One optimizer step over grad_accum micro-batches; the loss is the mean over the global batch."""
@@ -245,8 +250,7 @@ class Trainer:
             # DDP reduces gradients on the last micro-step only; FSDP reduce-scatters every one (sharded sums).
             sync = c.fsdp or micro == c.grad_accum - 1
             with nullcontext() if sync else self.accelerator.no_sync(self.wrapped):
-                loss = self.loss(batch)
-                self.accelerator.backward(loss / c.grad_accum)
+                loss = self.loss(batch, backward_scale=1 / c.grad_accum)
             total += loss.detach()
         grad_norm = self.accelerator.clip_grad_norm_(self.trainable, c.max_grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
