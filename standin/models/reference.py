@@ -179,6 +179,8 @@ class ReferenceStream:
             self.in_reference_pass, self.video_kv = False, None
         if index + 1 < len(self.tokens):
             self.tokens[index + 1] = output
+        if not torch.is_grad_enabled():  # only backward (checkpointing's recomputation) reads a block's input again
+            self.tokens[index] = None
         return self.keys_values[index]
 
 
