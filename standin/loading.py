@@ -49,9 +49,10 @@ def load_pipeline(base: str | os.PathLike, adapter=None, adapter_2=None, device=
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or default_dtype(device)
     path = Path(base)
+    # The VAE loads in float32, as Wan recommends (and without diffusers' warning about casting it afterwards).
+    dtypes = {"default": dtype, "vae": torch.float32}
     if path.is_dir() and (path / "model_index.json").is_file():
-        pipe = StandInPipeline.from_pretrained(path, dtype=dtype, scheduler=standin_scheduler())
-        pipe.vae.to(torch.float32)
+        pipe = StandInPipeline.from_pretrained(path, dtype=dtypes, scheduler=standin_scheduler())
     elif path.is_dir() and is_original_layout(path):
         pipe = load_original_layout(path, dtype)
     elif path.exists():
@@ -60,8 +61,7 @@ def load_pipeline(base: str | os.PathLike, adapter=None, adapter_2=None, device=
             f"(diffusion_pytorch_model*.safetensors and {ORIGINAL_VAE})"
         )
     elif str(base).count("/") == 1 and not str(base).startswith((".", "/")):
-        pipe = StandInPipeline.from_pretrained(str(base), dtype=dtype, scheduler=standin_scheduler())
-        pipe.vae.to(torch.float32)
+        pipe = StandInPipeline.from_pretrained(str(base), dtype=dtypes, scheduler=standin_scheduler())
     else:
         raise FileNotFoundError(f"base model not found: {base}")
     if pipe.config.sampler_shift != SAMPLER_SHIFT:
