@@ -25,8 +25,10 @@ HOOKS = {
     "none": None,
     "first-block 0.05": lambda steps: FirstBlockCacheConfig(threshold=0.05),
     "first-block 0.2": lambda steps: FirstBlockCacheConfig(threshold=0.2),
-    "taylorseer": lambda steps: TaylorSeerCacheConfig(cache_interval=2, max_order=1, disable_cache_before_step=3,
-                                                      disable_cache_after_step=steps - 2),
+    # TaylorSeer's default module selection finds nothing to hook in diffusers' Wan blocks: name them.
+    "taylorseer 2": lambda steps: TaylorSeerCacheConfig(cache_interval=2, max_order=1, disable_cache_before_step=3,
+                                                        disable_cache_after_step=steps - 2,
+                                                        cache_identifiers=[r"^blocks\.\d+$"]),
 }
 
 
