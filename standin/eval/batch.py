@@ -4,7 +4,10 @@ Pairing, in order of precedence:
 - a CSV file with a header row and the columns `video` and `reference`; relative paths are relative to the
   CSV's folder;
 - one reference for every video of a folder;
-- by file name in a folder: `name.mp4` goes with `name.png` (or .jpg, .jpeg, .webp, .bmp) next to it.
+- by file name in a folder, following the naming of `standin.video.companion_paths`: `name.mp4` goes with
+  `name.reference.png` (the reference as the model saw it, written beside every generated video), else with a
+  `name.png` (or .jpg, .jpeg, .webp, .bmp) next to it, for folders people put together. A contact sheet
+  `name.sheet.png` is never taken as a reference.
 Videos are files ending in .mp4, .mov, .mkv, .webm, .avi or .gif. A video without a reference is reported
 as an error row, not skipped silently.
 """
@@ -16,12 +19,15 @@ from pathlib import Path
 import numpy as np
 
 from standin.eval.metrics import DEFAULT_NUM_FRAMES, NoFaceError, evaluate_video
-from standin.eval.video import VideoReadError
+from standin.eval.frames import VideoReadError
 from standin.faces import get_backend
-from standin.preprocess.io import ImageLoadError
+from standin.io import regular_file_problem
+from standin.preprocess.images import ImageLoadError
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".gif")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+REFERENCE_SUFFIX = ".reference"  # name.reference.png, see standin.video.companion_paths
+SHEET_SUFFIX = ".sheet"  # name.sheet.png: a contact sheet of the video's frames, never a reference
 SUMMARY_KEYS = ("face_sim", "face_rate", "copy_paste_score", "motion")
 # per-video problems that are recorded in the results instead of stopping the batch
 EXPECTED_ERRORS = (ImageLoadError, VideoReadError, NoFaceError)
@@ -66,8 +72,9 @@ def find_pairs(folder, reference=None) -> list[Pair]:
 def read_pairs_csv(csv_path) -> list[Pair]:
     """Pairs from a CSV with a header and columns `video`, `reference` (paths relative to the CSV's folder)."""
     csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise VideoReadError(f"{csv_path}: no such pairs file")
+    problem = regular_file_problem(csv_path, "pairs file")
+    if problem:
+        raise VideoReadError(f"{csv_path}: {problem}")
     with open(csv_path, newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"video", "reference"} <= set(reader.fieldnames):
@@ -126,8 +133,13 @@ def _cell(value, width: int) -> str:
 
 
 def _image_named_like(video: Path) -> Path | None:
-    for extension in IMAGE_EXTENSIONS:
-        for candidate in (video.with_suffix(extension), video.with_suffix(extension.upper())):
-            if candidate.is_file():
-                return candidate
+    """`name.reference.png` (or another image extension) for `name.mp4`, else `name.png`, `name.jpg`, ...;
+    never a contact sheet `*.sheet.png`."""
+    for stem in (video.stem + REFERENCE_SUFFIX, video.stem):
+        if stem.lower().endswith(SHEET_SUFFIX):
+            continue
+        for extension in IMAGE_EXTENSIONS:
+            for candidate in (video.with_name(stem + extension), video.with_name(stem + extension.upper())):
+                if candidate.is_file():
+                    return candidate
     return None
