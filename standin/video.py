@@ -24,8 +24,8 @@ GENERATED_COMMENT = (
     "AI-generated video made by standin (Stand-In, identity-preserving video generation). "
     "It may show a real person. It is not a recording."
 )
-# Containers that hold H.264 and that ffmpeg picks from the name.
-WRITABLE_EXTENSIONS = (".mp4", ".mov", ".mkv", ".m4v")
+# Containers that hold H.264 and that imageio-ffmpeg writes (it refuses .m4v names).
+WRITABLE_EXTENSIONS = (".mp4", ".mov", ".mkv")
 
 
 class VideoReadError(ValueError):
