@@ -21,7 +21,7 @@ def add_parser(subparsers) -> None:
         "video with one photo. Videos: .mp4 .mov .mkv .webm .avi .gif.",
     )
     parser.add_argument("video", nargs="?", help="a video file, or a folder of videos")
-    parser.add_argument("--reference", help="reference photo (required for a single video)")
+    parser.add_argument("--reference", help="reference photo (required for a single video; with a folder, used for every video)")
     parser.add_argument("--pairs", help="CSV with a header and columns video,reference (relative to the CSV)")
     parser.add_argument("--frames", type=int, default=DEFAULT_NUM_FRAMES, help="frames sampled per video (default 32)")
     parser.add_argument(
