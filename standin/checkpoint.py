@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from standin.io import atomic_write, regular_file_problem
+from standin.io import atomic_write, loader_error_reason, regular_file_problem
 from standin.models.adapter import StandInAdapter
 
 COMMUNITY_PREFIX = "diffusion_model."
@@ -95,16 +95,10 @@ def _looks_like_torch_checkpoint(path: Path) -> bool:
 
 
 def _reason(error: Exception) -> str:
-    """The reason in a loader's error, without torch's advice to retry with weights_only=False: running an
-    untrusted pickle is never the fix."""
-    text = str(error)
-    if "WeightsUnpickler error:" in text:
-        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
-    lines = [line.strip() for line in text.splitlines() if line.strip() and "weights_only" not in line]
-    reason = " ".join(lines)
-    if isinstance(error, EOFError) or not reason:
-        reason = f"{reason} (the file ends too early: truncated?)" if reason else "the file ends too early: truncated?"
-    return reason
+    """The loader's reason, without torch's advice to retry with weights_only=False (see loader_error_reason)."""
+    if isinstance(error, EOFError):
+        return "the file ends too early (truncated?)"
+    return loader_error_reason(error)
 
 
 def _first_down(state_dict: dict[str, torch.Tensor]) -> torch.Tensor:

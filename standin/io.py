@@ -27,6 +27,16 @@ def regular_file_problem(path: str | os.PathLike, kind: str = "file") -> str | N
     return None
 
 
+def loader_error_reason(error: Exception) -> str:
+    """The reason in a model or checkpoint loader's error, one line, without torch's advice to retry with
+    `weights_only=False`: executing an untrusted pickle is never the fix we tell people about."""
+    text = str(error)
+    if "WeightsUnpickler error:" in text:  # torch's weights-only refusal: keep only what it refused
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip() and "weights_only" not in line]
+    return " ".join(lines) or type(error).__name__
+
+
 def check_writable(path: str | os.PathLike) -> Path:
     """Fail before any long work if `path` cannot be written (missing folders will be created)."""
     path = Path(path)
