@@ -157,10 +157,14 @@ def _torch_runner(path: Path):
 
 
 def _bisenet_from_state_dict(path: Path):
+    import warnings
+
     import torch
 
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols are not for our users
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch's message would advise weights_only=False: never run an untrusted pickle
         raise FaceModelError(
             f"{path}: neither a TorchScript model nor a torch state dict of plain tensors ({loader_error_reason(e)}); "
