@@ -192,6 +192,17 @@ def video_frame_count(path: str | os.PathLike) -> int:
     return count
 
 
+def video_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of a video's frames, from its header (nothing decoded)."""
+    path = video_file(path)
+    try:
+        frames, size = _open_frames(path)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise VideoReadError(f"{path}: not a readable video ({_last_line(e)})") from None
+    frames.close()
+    return size
+
+
 def video_file(path: str | os.PathLike) -> Path:
     """`path` as a Path if it is a regular file, else VideoReadError saying what it is (checked before any
     opening: ffmpeg given a FIFO would wait for data forever)."""

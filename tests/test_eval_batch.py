@@ -223,3 +223,19 @@ def test_thin_video_frames_are_refused_before_face_detection(folder, tmp_path):
         evaluate_video(np.full((3, 20, 4000, 3), 128, np.uint8), folder / "a.png", backend=BACKEND)
     with pytest.raises(VideoReadError, match="frame 1: .*4000x20 px"):
         frame_embeddings([np.zeros((64, 64, 3), np.uint8), np.zeros((20, 4000, 3), np.uint8)], backend=BACKEND)
+
+
+def test_an_old_contact_sheet_named_like_the_video_is_not_a_reference(tmp_path):
+    from standin.io import save_image
+    from standin.video import contact_sheet, save_video
+
+    frames = np.random.default_rng(0).integers(0, 255, (5, 32, 40, 3), dtype=np.uint8)
+    for name in ("old", "user"):
+        save_video(frames, tmp_path / f"{name}.mp4")
+    save_image(contact_sheet(frames), tmp_path / "old.png")  # what generate wrote before .sheet.png: 200x32
+    Image.fromarray(skimage.data.astronaut()).save(tmp_path / "user.png")  # a photo: kept as the reference
+    pairs = {p.video.name: p for p in find_pairs(tmp_path)}
+    assert pairs["user.mp4"].reference.name == "user.png"
+    assert pairs["old.mp4"].reference is None and "old.png is a contact sheet" in pairs["old.mp4"].problem
+    result = evaluate_pairs([pairs["old.mp4"]], backend=BACKEND, progress=False)
+    assert "put the reference beside the video as old.reference.png" in result.rows[0]["error"]

@@ -7,7 +7,9 @@ Pairing, in order of precedence:
 - by file name in a folder, following the naming of `standin.video.companion_paths`: `name.mp4` goes with
   `name.reference.png` (the reference as the model saw it, written beside every generated video), else with a
   `name.png` (or .jpg, .jpeg, .webp, .bmp) next to it, for folders people put together. A contact sheet
-  `name.sheet.png` is never taken as a reference.
+  `name.sheet.png` is never taken as a reference, nor a `name.png` that is a grid of the video's frames (the
+  contact sheets `standin generate` wrote before they were named `.sheet.png`): both would score the video
+  against its own frames.
 Videos are files ending in .mp4, .mov, .mkv, .webm, .avi or .gif. A video without a reference is reported
 as an error row, not skipped silently.
 """
@@ -37,6 +39,7 @@ EXPECTED_ERRORS = (ImageLoadError, VideoReadError, NoFaceError)
 class Pair:
     video: Path
     reference: Path | None  # None: no reference found for this video
+    problem: str | None = None  # why there is no reference, when it is not simply missing
 
 
 @dataclass
@@ -66,7 +69,18 @@ def find_pairs(folder, reference=None) -> list[Pair]:
         raise VideoReadError(f"{folder}: no video files ({', '.join(VIDEO_EXTENSIONS)})")
     if reference is not None:
         return [Pair(v, Path(reference)) for v in videos]
-    return [Pair(v, _image_named_like(v)) for v in videos]
+    pairs = []
+    for video in videos:
+        image = _image_named_like(video)
+        if image is not None and not image.stem.lower().endswith(REFERENCE_SUFFIX) and _is_contact_sheet(image, video):
+            problem = (
+                f"{image.name} is a contact sheet of this video's frames, not a reference photo; "
+                f"put the reference beside the video as {video.stem}{REFERENCE_SUFFIX}.png"
+            )
+            pairs.append(Pair(video, None, problem))
+        else:
+            pairs.append(Pair(video, image))
+    return pairs
 
 
 def read_pairs_csv(csv_path) -> list[Pair]:
@@ -95,7 +109,7 @@ def evaluate_pairs(
     for pair in tqdm(pairs, desc="evaluating", unit="video", disable=not progress):
         row = {"video": str(pair.video), "reference": None if pair.reference is None else str(pair.reference)}
         if pair.reference is None:
-            row["error"] = "no reference image with the same name"
+            row["error"] = pair.problem or "no reference image with the same name"
         else:
             try:
                 row.update(evaluate_video(pair.video, pair.reference, backend=backend, num_frames=num_frames).to_dict())
@@ -143,3 +157,23 @@ def _image_named_like(video: Path) -> Path | None:
                 if candidate.is_file():
                     return candidate
     return None
+
+
+def _is_contact_sheet(image: Path, video: Path) -> bool:
+    """True when `image` is a grid of 2 or more of the video's frames: what `standin generate` wrote as
+    `name.png` before contact sheets were named `name.sheet.png`. Taken as the reference, it would score the
+    video against its own frames. Sizes come from the headers; anything unreadable is left to the evaluation."""
+    from PIL import Image
+
+    from standin.video import video_size
+
+    try:
+        with Image.open(image) as opened:
+            width, height = opened.size
+        frame_width, frame_height = video_size(video)
+    except (OSError, ValueError, RuntimeError):
+        return False
+    if frame_width < 1 or frame_height < 1 or width % frame_width or height % frame_height:
+        return False
+    columns, rows = width // frame_width, height // frame_height
+    return columns * rows >= 2 and columns <= 8

@@ -17,7 +17,8 @@ def add_parser(subparsers) -> None:
         description="One video: JSON on stdout. A folder or --pairs CSV (columns video,reference): progress bar, "
         "table on stdout, JSON with -o; exit status 1 when no video could be evaluated. In a folder, name.mp4 "
         "is paired with name.reference.png (written beside every generated video), else with name.png / .jpg / "
-        ".jpeg / .webp / .bmp; a contact sheet name.sheet.png is never a reference. --reference pairs every "
+        ".jpeg / .webp / .bmp; a contact sheet (name.sheet.png, or a name.png that is a grid of the video's frames) "
+        "is never a reference. --reference pairs every "
         "video with one photo. Videos: .mp4 .mov .mkv .webm .avi .gif.",
     )
     parser.add_argument("video", nargs="?", help="a video file, or a folder of videos")
