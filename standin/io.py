@@ -1,8 +1,40 @@
 """Files that are either complete or absent: every output of the project goes through atomic_write."""
 
 import os
+import stat
 import tempfile
 from pathlib import Path
+
+
+def regular_file_problem(path: str | os.PathLike, kind: str = "file") -> str | None:
+    """Why `path` cannot be read as a `kind` ("no such video file", "is a folder, not a video file", ...), or
+    None for a regular file. Checked before opening: a FIFO or a device given as an input would block a reader
+    forever or stream without end."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return f"no such {kind}"
+    except NotADirectoryError:
+        return f"no such {kind} (a parent in the path is a file)"
+    except OSError as e:
+        return f"cannot access the {kind} ({e.strerror or e})"
+    if stat.S_ISDIR(mode):
+        return f"is a folder, not a {kind}"
+    if stat.S_ISFIFO(mode):
+        return f"is a named pipe (FIFO), not a {kind}"
+    if not stat.S_ISREG(mode):
+        return f"is a device or socket, not a {kind}"
+    return None
+
+
+def loader_error_reason(error: Exception) -> str:
+    """The reason in a model or checkpoint loader's error, one line, without torch's advice to retry with
+    `weights_only=False`: executing an untrusted pickle is never the fix we tell people about."""
+    text = str(error)
+    if "WeightsUnpickler error:" in text:  # torch's weights-only refusal: keep only what it refused
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip() and "weights_only" not in line]
+    return " ".join(lines) or type(error).__name__
 
 
 def check_writable(path: str | os.PathLike) -> Path:

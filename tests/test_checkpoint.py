@@ -124,3 +124,103 @@ def test_corrupt_files_fail_clearly(tmp_path, content, name):
         read_state_dict(tmp_path / name)
     with pytest.raises(AdapterFileError, match="not found"):
         read_state_dict(tmp_path / "missing.ckpt")
+
+
+@pytest.mark.parametrize("name", ["a.bin", "a.ckpt", "a.safetensors.tmp", "noext"])
+def test_convert_writes_safetensors_only(tmp_path, name):
+    transformer = tiny_transformer()
+    torch.save(official_state_dict(transformer), tmp_path / "official.ckpt")
+    with pytest.raises(AdapterFileError, match=r"safetensors only; name the output \*\.safetensors"):
+        convert(tmp_path / "official.ckpt", tmp_path / name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["official.ckpt"]
+
+
+def test_the_extension_is_read_in_any_case(tmp_path, inputs):
+    transformer = tiny_transformer()
+    torch.save(official_state_dict(transformer), tmp_path / "official.ckpt")
+    convert(tmp_path / "official.ckpt", tmp_path / "UPPER.SAFETENSORS")
+    loaded = load_adapter(tmp_path / "UPPER.SAFETENSORS", transformer)
+    reference = load_adapter(tmp_path / "official.ckpt", transformer)
+    assert torch.equal(output(transformer, loaded, inputs), output(transformer, reference, inputs))
+
+
+def test_refusals_never_advise_running_the_pickle(tmp_path):
+    with open(tmp_path / "evil.ckpt", "wb") as handle:
+        pickle.dump({"blocks.0.self_attn.q_loras.down.weight": Payload()}, handle)
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    (tmp_path / "cut.ckpt").write_bytes(b"\x80\x02}q\x00(X")  # a pickle that stops in the middle
+    for name in ("evil.ckpt", "junk.ckpt", "cut.ckpt"):
+        with pytest.raises(AdapterFileError) as caught:
+            read_state_dict(tmp_path / name)
+        message = str(caught.value)
+        assert "weights_only" not in message and "False" not in message, message
+        assert "accepted: .safetensors files" in message
+
+
+def test_an_empty_file_says_so(tmp_path):
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    for name in ("empty.ckpt", "empty.safetensors"):
+        with pytest.raises(AdapterFileError, match=r"the file is empty \(0 bytes\)"):
+            read_state_dict(tmp_path / name)
+
+
+def test_a_folder_or_fifo_is_not_an_adapter(tmp_path):
+    import os
+
+    with pytest.raises(AdapterFileError, match="is a folder"):
+        read_state_dict(tmp_path)
+    os.mkfifo(tmp_path / "pipe.ckpt")
+    with pytest.raises(AdapterFileError, match="named pipe"):
+        read_state_dict(tmp_path / "pipe.ckpt")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_values_are_refused_naming_the_tensor(tmp_path, bad):
+    transformer = tiny_transformer()
+    state = official_state_dict(transformer)
+    state["blocks.1.self_attn.k_loras.up.weight"][3, 2] = bad
+    torch.save(state, tmp_path / "diverged.ckpt")
+    with pytest.raises(AdapterFileError, match=r"blocks\.1\.self_attn\.k_loras\.up\.weight has 1 NaN or infinite"):
+        load_adapter(tmp_path / "diverged.ckpt", transformer)
+    with pytest.raises(AdapterFileError, match="NaN or infinite"):
+        convert(tmp_path / "diverged.ckpt", tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_one_dimensional_down_weight_is_named(tmp_path):
+    transformer = tiny_transformer()
+    state = official_state_dict(transformer)
+    state["blocks.0.self_attn.q_loras.down.weight"] = torch.zeros(24)
+    torch.save(state, tmp_path / "flat.ckpt")
+    message = r"q_loras\.down\.weight has shape \[24\]: a LoRA down weight is 2-D"
+    with pytest.raises(AdapterFileError, match=message):
+        convert(tmp_path / "flat.ckpt", tmp_path / "out.safetensors")
+    with pytest.raises(AdapterFileError, match=message):
+        load_adapter(tmp_path / "flat.ckpt", transformer)
+
+
+@pytest.mark.parametrize("failure", ["enospc", "safetensors"])
+def test_disk_full_during_convert_writes_nothing(tmp_path, monkeypatch, failure):
+    import errno
+
+    import standin.checkpoint as checkpoint
+    from safetensors import SafetensorError
+
+    transformer = tiny_transformer()
+    torch.save(official_state_dict(transformer), tmp_path / "official.ckpt")
+    (tmp_path / "old.safetensors").write_bytes(b"the previous file")
+
+    def full_disk(state_dict, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"\x00" * 100)  # part of a file, then the disk is full
+        if failure == "enospc":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    for name in ("new.safetensors", "old.safetensors"):
+        with pytest.raises(OSError, match=f"cannot write adapter .*{name}"):
+            convert(tmp_path / "official.ckpt", tmp_path / name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["official.ckpt", "old.safetensors"]
+    assert (tmp_path / "old.safetensors").read_bytes() == b"the previous file"

@@ -12,10 +12,10 @@ from PIL import Image
 from standin.eval import (
     copy_paste,
     evaluate_video,
-    face_similarity,
     identity_scores,
     motion_amplitude,
     reference_embedding,
+    video_face_similarity,
 )
 from standin.faces import Face, get_backend
 
@@ -92,10 +92,10 @@ def test_grace_hopper_is_not_the_astronaut(astronaut_embedding):
 
 def test_face_similarity_on_a_video(tmp_path):
     video = write_video(tmp_path / "clip.mp4", astronaut_frames())
-    astronaut = face_similarity(video, skimage.data.astronaut(), backend=BACKEND, num_frames=6)
+    astronaut = video_face_similarity(video, skimage.data.astronaut(), backend=BACKEND, num_frames=6)
     assert astronaut["frames_sampled"] == 6 and astronaut["face_rate"] == 1.0
     assert astronaut["face_sim"] > 0.97
-    grace = face_similarity(video, grace_hopper(), backend=BACKEND, num_frames=6)
+    grace = video_face_similarity(video, grace_hopper(), backend=BACKEND, num_frames=6)
     assert grace["face_sim"] < astronaut["face_sim"] - 0.05
 
 
@@ -103,7 +103,7 @@ def test_frames_without_a_face_count_in_the_rate_not_the_mean():
     frames = astronaut_frames(8)
     for t in range(0, 8, 2):
         frames[t] = np.full_like(frames[t], 200)  # blank frames: no face
-    scores = face_similarity(np.stack(frames), skimage.data.astronaut(), backend=BACKEND, num_frames=8)
+    scores = video_face_similarity(np.stack(frames), skimage.data.astronaut(), backend=BACKEND, num_frames=8)
     assert scores["frames_sampled"] == 8 and scores["frames_with_face"] == 4
     assert scores["face_rate"] == 0.5
     assert scores["face_sim"] > 0.97
@@ -184,7 +184,7 @@ def test_any_face_backend_plugs_into_the_metrics():
     red, green, black = (np.zeros((16, 16, 3), np.uint8) for _ in range(3))
     red[..., 0], green[..., 1] = 255, 255
     video = np.stack([red, green, black, red])
-    scores = face_similarity(video, red, backend=ColourBackend(), num_frames=4)
+    scores = video_face_similarity(video, red, backend=ColourBackend(), num_frames=4)
     assert scores["face_rate"] == 0.75
     assert scores["face_sim"] == pytest.approx(2 / 3)  # cos 1, 0, 1 over the three frames with a face
     pasted = copy_paste(np.stack([red] * 4), red, backend=ColourBackend(), num_frames=4)

@@ -151,3 +151,64 @@ def _jpeg_bytes() -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(skimage.data.astronaut()).save(buffer, format="JPEG")
     return buffer.getvalue()
+
+
+def run_cli(*args):
+    """The CLI in a child process: dlib's crashes (rc 134) must not take the test session down."""
+    import subprocess
+    import sys
+
+    code = "import sys; from standin.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("width, height", [(20, 4000), (10, 4000), (4000, 20)])
+def test_thin_strips_are_refused_before_face_detection(tmp_path, width, height):
+    Image.new("RGB", (width, height), (128, 128, 128)).save(tmp_path / "strip.png")
+    # the default backend: dlib's CNN detector crashed the process on these (double free, rc 134)
+    done = run_cli("preprocess", str(tmp_path / "strip.png"), "-o", str(tmp_path / "out.png"))
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert f"{width}x{height} px" in done.stderr and "at most 20:1" in done.stderr
+    assert not (tmp_path / "out.png").exists()
+    with pytest.raises(ImageLoadError, match=f"{width}x{height} px"):
+        load_image(np.zeros((height, width, 3), np.uint8))
+
+
+def test_a_strip_within_the_limit_still_works():
+    result = preprocess_reference(np.full((40, 800, 3), 200, np.uint8), backend="dlib-hog")  # 20:1
+    assert result.image.size == (512, 512) and result.fallback_reason == "no face found"
+
+
+def test_oversized_images_are_refused_from_the_header(tmp_path, monkeypatch):
+    from standin.faces import base
+
+    Image.new("RGB", (300, 200)).save(tmp_path / "big.png")
+    monkeypatch.setattr(base, "MAX_IMAGE_SIDE", 256)  # a 300 px image stands in for a 20000 px one
+    decoded = []
+    monkeypatch.setattr(Image.Image, "load", lambda self: decoded.append(self))
+    with pytest.raises(ImageLoadError, match="300x200 px, larger than the limit of 256 px"):
+        load_image(tmp_path / "big.png")
+    assert not decoded  # refused before the pixels were decoded
+
+
+def test_absurd_output_sizes_are_refused_before_any_work(tmp_path, capsys):
+    Image.fromarray(skimage.data.astronaut()).save(tmp_path / "a.png")
+    assert main(["preprocess", str(tmp_path / "a.png"), "-o", str(tmp_path / "out.png"), "--size", "200000"]) == 1
+    assert "16 to 4096 pixels, got 200000" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="got 8"):
+        preprocess_reference(tmp_path / "a.png", size=8)
+
+
+def test_a_fifo_is_refused_without_opening_it(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "photo.png")  # Image.open on it would wait for a writer forever
+    with pytest.raises(ImageLoadError, match="named pipe"):
+        load_image(tmp_path / "photo.png")
+
+
+def test_the_dlib_backend_refuses_strips_itself():
+    from standin.faces.dlib_backend import DlibBackend
+
+    with pytest.raises(ValueError, match="4000x8 px"):
+        DlibBackend("hog").detect(np.zeros((8, 4000, 3), np.uint8))

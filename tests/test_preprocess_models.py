@@ -213,3 +213,23 @@ def test_backend_names_and_paths_are_checked(tmp_path):
         get_backend(tmp_path / "missing.onnx")
     with pytest.raises(TypeError, match="not a face backend"):
         get_backend(42)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+def test_a_parsing_model_pickle_with_code_is_refused_without_advising_to_run_it(tmp_path, capsys):
+    import os
+    import pickle
+
+    with open(tmp_path / "evil.pth", "wb") as handle:
+        pickle.dump({"conv.weight": _Payload()}, handle)
+    with pytest.raises(FaceModelError, match="pickles that need code to load are refused") as caught:
+        ParsingModel.load(tmp_path / "evil.pth")
+    assert "weights_only" not in str(caught.value) and "must never run" not in capsys.readouterr().out
+    os.mkfifo(tmp_path / "pipe.pth")
+    with pytest.raises(FaceModelError, match="named pipe"):
+        ParsingModel.load(tmp_path / "pipe.pth")

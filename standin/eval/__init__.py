@@ -6,13 +6,13 @@ from standin.eval.metrics import (
     VideoScores,
     copy_paste,
     evaluate_video,
-    face_similarity,
     frame_embeddings,
     identity_scores,
     motion_amplitude,
     reference_embedding,
+    video_face_similarity,
 )
-from standin.eval.video import VideoReadError, frame_count, read_frames, uniform_indices
+from standin.eval.frames import VideoReadError, frame_count, read_frames, uniform_indices
 
 __all__ = [
     "BatchResult",
@@ -23,7 +23,6 @@ __all__ = [
     "copy_paste",
     "evaluate_pairs",
     "evaluate_video",
-    "face_similarity",
     "find_pairs",
     "format_table",
     "frame_count",
@@ -34,4 +33,5 @@ __all__ = [
     "read_pairs_csv",
     "reference_embedding",
     "uniform_indices",
+    "video_face_similarity",
 ]

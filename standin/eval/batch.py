@@ -4,7 +4,12 @@ Pairing, in order of precedence:
 - a CSV file with a header row and the columns `video` and `reference`; relative paths are relative to the
   CSV's folder;
 - one reference for every video of a folder;
-- by file name in a folder: `name.mp4` goes with `name.png` (or .jpg, .jpeg, .webp, .bmp) next to it.
+- by file name in a folder, following the naming of `standin.video.companion_paths`: `name.mp4` goes with
+  `name.reference.png` (the reference as the model saw it, written beside every generated video), else with a
+  `name.png` (or .jpg, .jpeg, .webp, .bmp) next to it, for folders people put together. A contact sheet
+  `name.sheet.png` is never taken as a reference, nor a `name.png` that is a grid of the video's frames (the
+  contact sheets `standin generate` wrote before they were named `.sheet.png`): both would score the video
+  against its own frames.
 Videos are files ending in .mp4, .mov, .mkv, .webm, .avi or .gif. A video without a reference is reported
 as an error row, not skipped silently.
 """
@@ -16,12 +21,15 @@ from pathlib import Path
 import numpy as np
 
 from standin.eval.metrics import DEFAULT_NUM_FRAMES, NoFaceError, evaluate_video
-from standin.eval.video import VideoReadError
+from standin.eval.frames import VideoReadError
 from standin.faces import get_backend
-from standin.preprocess.io import ImageLoadError
+from standin.io import regular_file_problem
+from standin.preprocess.images import ImageLoadError
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".gif")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+REFERENCE_SUFFIX = ".reference"  # name.reference.png, see standin.video.companion_paths
+SHEET_SUFFIX = ".sheet"  # name.sheet.png: a contact sheet of the video's frames, never a reference
 SUMMARY_KEYS = ("face_sim", "face_rate", "copy_paste_score", "motion")
 # per-video problems that are recorded in the results instead of stopping the batch
 EXPECTED_ERRORS = (ImageLoadError, VideoReadError, NoFaceError)
@@ -31,6 +39,7 @@ EXPECTED_ERRORS = (ImageLoadError, VideoReadError, NoFaceError)
 class Pair:
     video: Path
     reference: Path | None  # None: no reference found for this video
+    problem: str | None = None  # why there is no reference, when it is not simply missing
 
 
 @dataclass
@@ -60,14 +69,26 @@ def find_pairs(folder, reference=None) -> list[Pair]:
         raise VideoReadError(f"{folder}: no video files ({', '.join(VIDEO_EXTENSIONS)})")
     if reference is not None:
         return [Pair(v, Path(reference)) for v in videos]
-    return [Pair(v, _image_named_like(v)) for v in videos]
+    pairs = []
+    for video in videos:
+        image = _image_named_like(video)
+        if image is not None and not image.stem.lower().endswith(REFERENCE_SUFFIX) and _is_contact_sheet(image, video):
+            problem = (
+                f"{image.name} is a contact sheet of this video's frames, not a reference photo; "
+                f"put the reference beside the video as {video.stem}{REFERENCE_SUFFIX}.png"
+            )
+            pairs.append(Pair(video, None, problem))
+        else:
+            pairs.append(Pair(video, image))
+    return pairs
 
 
 def read_pairs_csv(csv_path) -> list[Pair]:
     """Pairs from a CSV with a header and columns `video`, `reference` (paths relative to the CSV's folder)."""
     csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise VideoReadError(f"{csv_path}: no such pairs file")
+    problem = regular_file_problem(csv_path, "pairs file")
+    if problem:
+        raise VideoReadError(f"{csv_path}: {problem}")
     with open(csv_path, newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"video", "reference"} <= set(reader.fieldnames):
@@ -88,7 +109,7 @@ def evaluate_pairs(
     for pair in tqdm(pairs, desc="evaluating", unit="video", disable=not progress):
         row = {"video": str(pair.video), "reference": None if pair.reference is None else str(pair.reference)}
         if pair.reference is None:
-            row["error"] = "no reference image with the same name"
+            row["error"] = pair.problem or "no reference image with the same name"
         else:
             try:
                 row.update(evaluate_video(pair.video, pair.reference, backend=backend, num_frames=num_frames).to_dict())
@@ -126,8 +147,33 @@ def _cell(value, width: int) -> str:
 
 
 def _image_named_like(video: Path) -> Path | None:
-    for extension in IMAGE_EXTENSIONS:
-        for candidate in (video.with_suffix(extension), video.with_suffix(extension.upper())):
-            if candidate.is_file():
-                return candidate
+    """`name.reference.png` (or another image extension) for `name.mp4`, else `name.png`, `name.jpg`, ...;
+    never a contact sheet `*.sheet.png`."""
+    for stem in (video.stem + REFERENCE_SUFFIX, video.stem):
+        if stem.lower().endswith(SHEET_SUFFIX):
+            continue
+        for extension in IMAGE_EXTENSIONS:
+            for candidate in (video.with_name(stem + extension), video.with_name(stem + extension.upper())):
+                if candidate.is_file():
+                    return candidate
     return None
+
+
+def _is_contact_sheet(image: Path, video: Path) -> bool:
+    """True when `image` is a grid of 2 or more of the video's frames: what `standin generate` wrote as
+    `name.png` before contact sheets were named `name.sheet.png`. Taken as the reference, it would score the
+    video against its own frames. Sizes come from the headers; anything unreadable is left to the evaluation."""
+    from PIL import Image
+
+    from standin.video import video_size
+
+    try:
+        with Image.open(image) as opened:
+            width, height = opened.size
+        frame_width, frame_height = video_size(video)
+    except (OSError, ValueError, RuntimeError):
+        return False
+    if frame_width < 1 or frame_height < 1 or width % frame_width or height % frame_height:
+        return False
+    columns, rows = width // frame_width, height // frame_height
+    return columns * rows >= 2 and columns <= 8

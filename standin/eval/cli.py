@@ -14,11 +14,15 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "eval",
         help="FaceSim, face rate, copy-paste and motion amplitude of generated videos",
-        description="One video: JSON on stdout. A folder (videos paired with same-name images, or all with "
-        "--reference) or --pairs CSV (columns video,reference): progress bar, table on stdout, JSON with -o.",
+        description="One video: JSON on stdout. A folder or --pairs CSV (columns video,reference): progress bar, "
+        "table on stdout, JSON with -o; exit status 1 when no video could be evaluated. In a folder, name.mp4 "
+        "is paired with name.reference.png (written beside every generated video), else with name.png / .jpg / "
+        ".jpeg / .webp / .bmp; a contact sheet (name.sheet.png, or a name.png that is a grid of the video's frames) "
+        "is never a reference. --reference pairs every "
+        "video with one photo. Videos: .mp4 .mov .mkv .webm .avi .gif.",
     )
     parser.add_argument("video", nargs="?", help="a video file, or a folder of videos")
-    parser.add_argument("--reference", help="reference photo (required for a single video)")
+    parser.add_argument("--reference", help="reference photo (required for a single video; with a folder, used for every video)")
     parser.add_argument("--pairs", help="CSV with a header and columns video,reference (relative to the CSV)")
     parser.add_argument("--frames", type=int, default=DEFAULT_NUM_FRAMES, help="frames sampled per video (default 32)")
     parser.add_argument(
@@ -36,6 +40,7 @@ def run(args) -> int:
         return fail(f"--frames must be at least 1, got {args.frames}", status=2)
     if (args.video is None) == (args.pairs is None):
         return fail("give either a video / folder or --pairs CSV", status=2)
+    result = None
     try:
         if args.pairs is None and not Path(args.video).is_dir():
             if args.reference is None:
@@ -52,4 +57,8 @@ def run(args) -> int:
             save_text(text + "\n", args.output)
     except (*EXPECTED_ERRORS, FaceModelError, ValueError, OSError) as e:
         return fail(str(e))
+    if result is not None:  # a batch: it failed if no video at all could be evaluated
+        summary = result.summary()
+        if summary["evaluated"] == 0:
+            return fail(f"none of the {summary['videos']} videos could be evaluated (errors in the table above)")
     return 0

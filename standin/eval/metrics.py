@@ -23,9 +23,10 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
-from standin.eval.video import frame_count, read_frames, uniform_indices
+from standin.eval.frames import VideoReadError, frame_count, read_frames, uniform_indices
 from standin.faces import FaceBackend, get_backend, largest_face
-from standin.preprocess.io import load_image
+from standin.faces.base import image_size_problem
+from standin.preprocess.images import load_image
 
 DEFAULT_NUM_FRAMES = 32
 MOTION_SIZE = 256  # longer side of the frames optical flow runs on
@@ -65,7 +66,10 @@ def frame_embeddings(frames, backend: FaceBackend | str | None = None) -> list[n
     """Embedding of the largest face in each RGB uint8 frame, None where no face is found."""
     backend = get_backend(backend)
     embeddings = []
-    for frame in frames:
+    for index, frame in enumerate(frames):
+        problem = image_size_problem(frame.shape[1], frame.shape[0]) if frame.ndim >= 2 else "not an image"
+        if problem:  # checked here too: these frames may come from anywhere, and dlib crashes on thin strips
+            raise VideoReadError(f"frame {index}: {problem}")
         face = largest_face(backend.detect(frame))
         embeddings.append(None if face is None else backend.embed(frame, face))
     return embeddings
@@ -90,8 +94,8 @@ def identity_scores(reference: np.ndarray, embeddings: list[np.ndarray | None]) 
     }
 
 
-def face_similarity(video, reference, *, backend=None, num_frames: int = DEFAULT_NUM_FRAMES) -> dict:
-    """FaceSim of `video` (path or frames) against `reference`.
+def video_face_similarity(video, reference, *, backend=None, num_frames: int = DEFAULT_NUM_FRAMES) -> dict:
+    """FaceSim of `video` (path or frames, `num_frames` sampled uniformly) against the `reference` photo.
 
     Returns {face_sim, face_rate, frames_sampled, frames_with_face}; face_sim is None when no frame has a face.
     """

@@ -10,12 +10,15 @@ import os
 import cv2
 import numpy as np
 
-from standin.faces.base import Face, FaceModelError
+from standin.faces.base import Face, FaceModelError, image_size_problem
 
 # Detection runs on a copy whose longer side lies in this range: tiny images are enlarged so that a face
 # filling them is still found, huge ones are reduced to keep detection fast.
 _MIN_DETECT_SIDE = 400
 _MAX_DETECT_SIDE = 1280
+# dlib's CNN detector corrupts memory on images 8 px or less on a side (measured: 1280x8 and 1280x6 crash,
+# 1280x10 does not); never hand it less than this.
+_MIN_DETECT_SHORT_SIDE = 16
 
 
 def _weights_dir() -> str:
@@ -119,11 +122,16 @@ class DlibBackend:
     def detect(self, image: np.ndarray) -> list[Face]:
         image = _as_rgb_uint8(image)
         h, w = image.shape[:2]
+        problem = image_size_problem(w, h)
+        if problem:
+            raise ValueError(problem)
         scale = min(max(1.0, _MIN_DETECT_SIDE / max(h, w)), _MAX_DETECT_SIDE / max(h, w))
         work = image
         if scale != 1.0:
             size = (max(1, round(w * scale)), max(1, round(h * scale)))
             work = cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        if min(work.shape[:2]) < _MIN_DETECT_SHORT_SIDE:  # unreachable with the aspect cap; dlib must never see it
+            raise ValueError(f"the image is {w}x{h} px, too narrow for face detection")
 
         faces = []
         for (x0, y0, x1, y1), score in self._boxes(work):

@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 
 from standin.faces.base import FaceModelError
+from standin.io import loader_error_reason, regular_file_problem
 
 # BiSeNet face parsing was trained on ImageNet-normalised 512x512 RGB input
 _PARSING_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -99,8 +100,9 @@ class ParsingModel:
     @classmethod
     def load(cls, path) -> "ParsingModel":
         path = Path(path)
-        if not path.is_file():
-            raise FaceModelError(f"face-parsing model {path}: no such file")
+        problem = regular_file_problem(path, "file")
+        if problem:
+            raise FaceModelError(f"face-parsing model {path}: {problem}")
         if path.suffix.lower() == ".onnx":
             return cls(_onnx_runner(path), path.name)
         return cls(_torch_runner(path), path.name)
@@ -130,7 +132,7 @@ def _onnx_runner(path: Path):
     try:
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types for files that are not models
-        raise FaceModelError(f"{path}: not a loadable ONNX model ({e})") from None
+        raise FaceModelError(f"{path}: not a loadable ONNX model ({loader_error_reason(e)})") from None
     input_name = session.get_inputs()[0].name
     return lambda x: session.run(None, {input_name: x})[0]
 
@@ -155,12 +157,19 @@ def _torch_runner(path: Path):
 
 
 def _bisenet_from_state_dict(path: Path):
+    import warnings
+
     import torch
 
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise FaceModelError(f"{path}: neither a TorchScript model nor a torch state dict ({e})") from None
+        with warnings.catch_warnings():  # torch's notes on pickle protocols are not for our users
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch's message would advise weights_only=False: never run an untrusted pickle
+        raise FaceModelError(
+            f"{path}: neither a TorchScript model nor a torch state dict of plain tensors ({loader_error_reason(e)}); "
+            "pickles that need code to load are refused"
+        ) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

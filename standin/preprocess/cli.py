@@ -5,7 +5,7 @@ import json
 from standin.cli import fail
 from standin.faces import FaceModelError
 from standin.io import save_image
-from standin.preprocess.io import ImageLoadError
+from standin.preprocess.images import ImageLoadError
 from standin.preprocess.reference import preprocess_reference
 
 
@@ -18,7 +18,7 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("image", help="reference photo (any format Pillow reads)")
     parser.add_argument("-o", "--output", required=True, help="where to write the result (.png, .jpg, .webp)")
-    parser.add_argument("--size", type=int, default=512, help="output side in pixels (default 512)")
+    parser.add_argument("--size", type=int, default=512, help="output side in pixels, 16 to 4096 (default 512)")
     parser.add_argument(
         "--backend",
         default="dlib",

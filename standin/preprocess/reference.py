@@ -9,12 +9,16 @@ from PIL import Image
 from standin.faces import Face, FaceBackend, get_backend, largest_face
 from standin.preprocess.background import ParsingModel, grabcut_person_mask
 from standin.preprocess.crop import SquareCrop, face_crop, pad_to_square, touches_all_borders
-from standin.preprocess.io import load_image
+from standin.preprocess.images import load_image
 
 # A box within 10 px of a border touches it, as in the published preprocessing. That code falls back to the
 # whole image when ANY border is touched; SPEC section 6 says all four, which is what we do: a face cut by one
 # image edge is still cropped, only a photo that is already a face crop is taken whole.
 BORDER_TOLERANCE = 10
+# Output sides accepted: the pipeline uses 512; 4096 (48 MiB of RGB) is far above any use, and the check comes
+# before anything is allocated (a --size of 200000 would otherwise ask for 120 GB).
+MIN_OUTPUT_SIZE = 16
+MAX_OUTPUT_SIZE = 4096
 
 
 @dataclass
@@ -55,8 +59,8 @@ def preprocess_reference(
     image is padded to a square instead. A parsing model then still runs on it (as published); GrabCut,
     which needs a face to seed it, leaves such images untouched.
     """
-    if size < 16:
-        raise ValueError(f"output size must be at least 16 pixels, got {size}")
+    if not MIN_OUTPUT_SIZE <= size <= MAX_OUTPUT_SIZE:
+        raise ValueError(f"output size must be {MIN_OUTPUT_SIZE} to {MAX_OUTPUT_SIZE} pixels, got {size}")
     source = np.asarray(load_image(image))  # bad input fails here, before any model loads
     height, width = source.shape[:2]
     backend = get_backend(backend)

@@ -1,10 +1,19 @@
-"""Reading reference photos of any common kind into RGB."""
+"""Reading reference photos of any common kind into RGB, refusing what face code cannot take safely.
+
+Every image is checked against the size limits of `standin.faces.base.image_size_problem` (at most 16384 px
+on a side, aspect ratio at most 20:1) before any face detector sees it: dlib crashes the process on thin
+strips. Files are checked to be regular files before opening (a FIFO would block forever), and their
+size is read from the header before the pixels are decoded.
+"""
 
 import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from standin.faces.base import image_size_problem
+from standin.io import regular_file_problem
 
 
 class ImageLoadError(ValueError):
@@ -15,24 +24,37 @@ def load_image(image) -> Image.Image:
     """A path, PIL image or numpy array -> PIL RGB image, upright (EXIF orientation applied).
 
     Handles grayscale, palette, RGBA/LA (composited on white, the reference background), CMYK, 16-bit and
-    float images. Raises ImageLoadError with the reason for anything that is not a readable image.
+    float images. Raises ImageLoadError with the reason for anything that is not a readable image, or whose
+    size face detection cannot take (see `check_image_size`).
     """
     if isinstance(image, (str, os.PathLike)):
         return _load_path(Path(image))
     if isinstance(image, Image.Image):
+        check_image_size(*image.size)
         return _to_rgb(ImageOps.exif_transpose(image))
     if isinstance(image, np.ndarray):
+        if image.ndim >= 2:
+            check_image_size(image.shape[1], image.shape[0])
         return _array_to_rgb(image)
     raise ImageLoadError(f"expected a file path, PIL image or numpy array, got {type(image).__name__}")
 
 
+def check_image_size(width: int, height: int, where: str = "") -> None:
+    """ImageLoadError naming the size and the limit when face code cannot take a width x height image."""
+    problem = image_size_problem(width, height)
+    if problem:
+        raise ImageLoadError(f"{where}{problem}")
+
+
 def _load_path(path: Path) -> Image.Image:
-    if not path.exists():
-        raise ImageLoadError(f"{path}: no such file")
-    if path.is_dir():
-        raise ImageLoadError(f"{path}: is a folder, not an image file")
+    problem = regular_file_problem(path, "file")
+    if problem == "is a folder, not a file":
+        problem = "is a folder, not an image file"
+    if problem:
+        raise ImageLoadError(f"{path}: {problem}")
     try:
         with Image.open(path) as opened:
+            check_image_size(*opened.size)  # from the header: refuse before decoding the pixels
             opened.load()  # decode now: truncated files fail here, not later
             return _to_rgb(ImageOps.exif_transpose(opened))
     except ImageLoadError as e:
