@@ -41,7 +41,7 @@ from standin.train.data import (
     square_reference,
     vae_latents,
 )
-from standin.video import read_video, save_video
+from standin.video import VideoReadError, read_video, read_video_frames, save_video, video_frame_count
 
 logger = logging.getLogger(__name__)
 
@@ -73,36 +73,27 @@ def read_caption(video: Path) -> str | None:
 
 
 def probe(video: Path) -> tuple[int, float]:
-    """(frame count, frames per second) of a video file; Unusable if ffmpeg cannot read it."""
+    """(frame count, frames per second) of a video file; Unusable if it cannot be read."""
     import imageio.v2 as imageio
-    import imageio_ffmpeg
 
     try:
+        count = video_frame_count(video)
         with imageio.get_reader(str(video), format="ffmpeg") as reader:
             fps = float(reader.get_meta_data()["fps"])
-        count, _ = imageio_ffmpeg.count_frames_and_secs(str(video))
     except (OSError, RuntimeError, ValueError, KeyError) as error:
         last_line = (str(error).strip().splitlines() or [type(error).__name__])[-1]
         raise Unusable(f"unreadable video ({last_line})") from None
-    if count < 1 or not fps > 0:
+    if not fps > 0:
         raise Unusable(f"unreadable video (ffmpeg reports {count} frames at {fps} fps)")
     return count, fps
 
 
 def decode_frames(video: Path, indices: set[int]) -> dict[int, np.ndarray]:
     """The wanted frames (RGB uint8), in one sequential pass that stops after the last of them."""
-    import imageio.v2 as imageio
-
-    found, last = {}, max(indices)
     try:
-        with imageio.get_reader(str(video), format="ffmpeg") as reader:
-            for index, frame in enumerate(reader):
-                if index in indices:
-                    found[index] = np.ascontiguousarray(frame[..., :3])
-                if index >= last:
-                    break
-    except (OSError, RuntimeError, ValueError) as error:
-        raise Unusable(f"decoding failed after {len(found)} of {len(indices)} needed frames ({error})") from None
+        found = read_video_frames(video, indices)
+    except VideoReadError as error:
+        raise Unusable(f"decoding failed ({error})") from None
     if len(found) < len(indices):
         raise Unusable(f"only {len(found)} of the {len(indices)} needed frames could be decoded (truncated file?)")
     return found
