@@ -38,7 +38,7 @@ SAMPLER_SHIFT = 5.0
 @dataclass
 class StandInPipelineOutput(BaseOutput):
     frames: Any  # np.ndarray [B, F, H, W, 3] in [0, 1], list of PIL frame lists, torch tensor, or latents
-    reference: PIL.Image.Image | None  # the reference exactly as the model saw it (after preprocessing)
+    reference: Any  # the reference exactly as the model saw it (after preprocessing): an image, a list for several
 
 
 def standin_scheduler(shift: float = SAMPLER_SHIFT) -> FlowMatchEulerDiscreteScheduler:
@@ -206,7 +206,9 @@ class StandInPipeline(WanPipeline):
     ):
         """Generate a video of the reference identity doing what the prompt says.
 
-        reference_image: PIL image, array or path; None generates exactly what the base Wan model would.
+        reference_image: PIL image, array or path; a list of them puts several identities in one video (zero-shot,
+            the published multi-identity scheme: which person lands where is left to the prompt); None generates
+            exactly what the base Wan model would.
         height, width, num_frames, preprocess_reference: None takes the base's own (config.default_height, ...).
         cache_reference: compute the reference keys/values once (exact); False recomputes them in every forward,
             as the official implementation does (for comparison and benchmarks).
@@ -243,8 +245,13 @@ class StandInPipeline(WanPipeline):
         # 1. Reference first: a bad image fails before any expensive work.
         reference = None
         if reference_image is not None:
-            reference = self.prepare_reference_image(reference_image, preprocess_reference)
-            reference_latents = self.encode_reference_image(reference)
+            several = isinstance(reference_image, (list, tuple))
+            images = [self.prepare_reference_image(image, preprocess_reference)
+                      for image in (reference_image if several else [reference_image])]
+            if not images:
+                raise ValueError("reference_image is an empty list: give at least one image, or None")
+            reference_latents = [self.encode_reference_image(image) for image in images]
+            reference = images if several else images[0]
 
         # 2. Text.
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
@@ -277,7 +284,7 @@ class StandInPipeline(WanPipeline):
         self.scheduler.set_begin_index(0)
         with contextlib.ExitStack() as streams, self.progress_bar(total=len(timesteps)) as progress_bar:
             if reference is not None:
-                reference_latents = reference_latents.to(device)
+                reference_latents = [latents.to(device) for latents in reference_latents]
                 for name, model in experts.items():
                     adapter = self.adapters[name].to(device)
                     cache = cache_reference and adapter.attention == "restricted"

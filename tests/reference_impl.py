@@ -1,9 +1,11 @@
-"""A second implementation of Stand-In (SPEC sections 2-3), in plain PyTorch, for the tests.
+"""A second implementation of Stand-In (docs/method.md sections 2-3), in plain PyTorch, for the tests.
 
 It shares no code with the package or with diffusers' blocks: it reads the raw weights of a diffusers
 WanTransformer3DModel state dict and computes the JOINT forward of the paper, video and reference tokens in one
 sequence with a restricted attention mask and per-token modulation, RoPE from explicit angles. The package
 computes the reference stream separately and caches it; agreement between the two checks the method itself.
+Several references (a list) follow the published multi-identity scheme: reference k at positions
+(-1, h + k h_r + j, w + k w_r + l), its queries seeing only its own keys, video queries seeing all.
 """
 
 import math
@@ -85,23 +87,26 @@ def standin_forward(weights, config, adapter_weights, latents, timestep, text, r
     context = _linear(weights, "condition_embedder.text_embedder.linear_2", F.gelu(
         _linear(weights, "condition_embedder.text_embedder.linear_1", text), approximate="tanh"))
 
+    group = torch.full((num_video,), -1)  # -1: video; k: reference k
     if reference_latents is None:
         x = video
         modulation = mod_t[:, None].expand(-1, num_video, -1, -1)
-        is_reference = torch.zeros(num_video, dtype=torch.bool)
     else:
-        reference = embed(reference_latents).expand(batch, -1, -1)
-        ref_h, ref_w = reference_latents.shape[-2] // 2, reference_latents.shape[-1] // 2
-        offsets = (0, 0, 0) if shared_positions else (-1, h, w)
-        positions = torch.cat([positions, grid_positions(1, ref_h, ref_w, *offsets)])
-        x = torch.cat([video, reference], dim=1)
+        references = reference_latents if isinstance(reference_latents, (list, tuple)) else [reference_latents]
+        tokens = [embed(r).expand(batch, -1, -1) for r in references]
+        for k, r in enumerate(references):
+            ref_h, ref_w = r.shape[-2] // 2, r.shape[-1] // 2
+            offsets = (0, 0, 0) if shared_positions else (-1, h + k * ref_h, w + k * ref_w)
+            positions = torch.cat([positions, grid_positions(1, ref_h, ref_w, *offsets)])
+            group = torch.cat([group, torch.full((ref_h * ref_w,), k)])
+        x = torch.cat([video, *tokens], dim=1)
         _, mod_0 = _time_projection(weights, torch.zeros(batch), config["freq_dim"])
         modulation = torch.cat([mod_t[:, None].expand(-1, num_video, -1, -1),
-                                mod_0[:, None].expand(-1, reference.shape[1], -1, -1)], dim=1)
-        is_reference = torch.arange(x.shape[1]) >= num_video
+                                mod_0[:, None].expand(-1, x.shape[1] - num_video, -1, -1)], dim=1)
+    is_reference = group >= 0
     angles = rope_angles(positions, head_dim)
-    # mask[query, key]: reference queries see reference keys only; video queries see everything.
-    mask = ~(is_reference[:, None] & ~is_reference[None, :]) if restricted else None
+    # mask[query, key]: each reference's queries see its own keys only; video queries see everything.
+    mask = (group[:, None] < 0) | (group[:, None] == group[None, :]) if restricted else None
 
     reference_kv = []
     for i in range(config["num_layers"]):

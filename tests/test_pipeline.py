@@ -230,3 +230,14 @@ def test_expand_timesteps_and_context_parallelism_are_refused():
         block.attn1.processor._parallel_config = object()
     with pytest.raises(NotImplementedError, match="context parallelism"):
         run(pipe, reference_image())
+
+
+def test_several_references_in_one_generation(pipe):
+    first, second = reference_image(1), reference_image(2)
+    both = run(pipe, [first, second])
+    assert torch.equal(both, run(pipe, [first, second], cache_reference=False))
+    assert relative_error(both, run(pipe, first)) > 1e-3 and relative_error(both, run(pipe, second)) > 1e-3
+    assert torch.equal(run(pipe, [first]), run(pipe, first))
+    out = pipe(prompt="x", reference_image=[first, second], **SIZES, num_inference_steps=1, latents=noise(),
+               output_type="latent", preprocess_reference=False)
+    assert isinstance(out.reference, list) and len(out.reference) == 2

@@ -253,3 +253,45 @@ def test_lora_initialisation_is_the_published_one():
     down = adapter.blocks[0].self_attn.q_loras.down.weight
     assert abs(down.std().item() * 16 - 1) < 0.05 and abs(down.mean().item()) < 0.01
     assert torch.count_nonzero(adapter.blocks[0].self_attn.q_loras.up.weight) == 0
+
+
+# ---- several identities -------------------------------------------------------------------------------------
+def two_references(inputs):
+    generator = torch.Generator().manual_seed(11)
+    return [inputs["reference_latents"], torch.randn(inputs["reference_latents"].shape, generator=generator)]
+
+
+@torch.no_grad()
+def test_two_references_match_the_independent_implementation(standin_model, inputs):
+    references = two_references(inputs)
+    ours = standin_model(**{**inputs, "reference_latents": references})[0]
+    assert relative_error(ours, plain(standin_model, {**inputs, "reference_latents": references})) <= TOLERANCE
+    # and it is not the one-reference result, nor the second reference put at the first one's positions
+    assert relative_error(ours, standin_model(**inputs)[0]) > 1e-3
+    overlapping = {**inputs, "reference_latents": references}
+    with standin_model.reference(references[1], inputs["hidden_states"].shape):
+        alone = standin_model(**without_reference(overlapping))[0]
+    assert relative_error(ours, alone) > 1e-3
+
+
+@torch.no_grad()
+def test_a_list_of_one_reference_is_the_one_reference_path(standin_model, inputs):
+    expected = standin_model(**inputs)[0]
+    assert torch.equal(standin_model(**{**inputs, "reference_latents": [inputs["reference_latents"]]})[0], expected)
+
+
+@torch.no_grad()
+def test_cache_is_exact_with_several_references(standin_model, inputs):
+    several = {**inputs, "reference_latents": two_references(inputs) + [inputs["reference_latents"].flip(-1)]}
+    cached, stream = cached_forward(standin_model, several)
+    assert stream.recorded and torch.equal(cached, standin_model(**several)[0])
+
+
+@torch.no_grad()
+def test_too_many_references_for_the_rope_table_are_refused(inputs):
+    torch.manual_seed(0)
+    model = StandInModel(tiny_transformer(rope_max_seq_len=16), rank=4)  # video h = w = 4-5, references 4 x 4
+    references = [inputs["reference_latents"]] * 2
+    model(**{**inputs, "reference_latents": references})  # h + 2 * 4 <= 16: fits
+    with pytest.raises(ValueError, match="3 reference"):
+        model(**{**inputs, "reference_latents": references * 2})

@@ -59,20 +59,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def reference_rope(rope: nn.Module, reference_grid: tuple[int, int], video_grid: tuple[int, int, int],
-                   positions: str = "shifted"):
+                   positions: str = "shifted", slot: int = 0):
     """cos/sin tables [1, h_r * w_r, 1, head_dim] for reference token (j, k) at positions (-1, h + j, w + k), or
-    at (0, j, k) on the video's own grid for positions="shared" (the ablation that loses identity).
+    at (0, j, k) on the video's own grid for positions="shared" (the ablation that loses identity). With several
+    references, the one in `slot` s sits one reference grid further diagonally per slot: (-1, h + s h_r + j,
+    w + s w_r + k), so that no two references share positions (the published multi-identity scheme).
 
     Cut from the base model's own tables, obtained through its RoPE module's forward (on a shape-only input) so
     that offloading hooks bring the tables; position -1 is the rotation by -theta, i.e. (cos, -sin) of time 1.
     """
     _, video_h, video_w = video_grid
     ref_h, ref_w = reference_grid
-    time_row, h0, w0 = (1, video_h, video_w) if positions == "shifted" else (0, 0, 0)
+    time_row, h0, w0 = (1, video_h + slot * ref_h, video_w + slot * ref_w) if positions == "shifted" else (0, 0, 0)
     if h0 + ref_h > rope.max_seq_len or w0 + ref_w > rope.max_seq_len:
         raise ValueError(
-            f"reference positions reach {max(h0 + ref_h, w0 + ref_w)}, beyond the base model's RoPE table "
-            f"of {rope.max_seq_len} positions: the video grid {video_h}x{video_w} is too large for this model"
+            f"reference positions reach {max(h0 + ref_h, w0 + ref_w)}, beyond the base model's RoPE table of "
+            f"{rope.max_seq_len} positions: the video grid {video_h}x{video_w} with {slot + 1} reference(s) of "
+            f"{ref_h}x{ref_w} tokens is too large for this model"
         )
     grid = (time_row + 1, h0 + ref_h, w0 + ref_w)
     p_t, p_h, p_w = rope.patch_size
@@ -123,23 +126,32 @@ def concat_reference(key, value, reference_kv):
 
 # ---- the stream ---------------------------------------------------------------------------------------------
 class ReferenceStream:
-    """One reference image's tokens through the blocks of one transformer, for the forwards of one generation
-    (or one training step). State is indexed by block: tokens[i] enters block i, keys_values[i] leaves it."""
+    """The reference tokens through the blocks of one transformer, for the forwards of one generation (or one
+    training step). One reference image, or several (each with its own tokens, positions and restricted attention;
+    video queries see all of them). State is indexed by block: tokens[r][i] enters block i for reference r,
+    keys_values[i] (all references' keys/values, concatenated) leaves it."""
 
-    def __init__(self, transformer: nn.Module, adapter: StandInAdapter, reference_latents: torch.Tensor,
-                 grid: tuple[int, int, int], cache: bool = True):
+    def __init__(self, transformer: nn.Module, adapter: StandInAdapter, reference_latents, grid: tuple[int, int, int],
+                 cache: bool = True):
         if len(adapter.blocks) != len(transformer.blocks):
             raise ValueError(f"adapter has {len(adapter.blocks)} blocks, the transformer {len(transformer.blocks)}")
         if cache and adapter.attention != "restricted":
             raise ValueError("only restricted attention makes the reference independent of the video: nothing to cache")
-        self.transformer, self.adapter, self.latents, self.cache = transformer, adapter, reference_latents, cache
+        latents = [reference_latents] if torch.is_tensor(reference_latents) else list(reference_latents)
+        if not latents:
+            raise ValueError("no reference latents given")
+        if len(latents) > 1 and adapter.positions != "shifted":
+            raise ValueError("shared positions put every reference on the video's own grid: one reference only")
+        self.transformer, self.adapter, self.latents, self.cache = transformer, adapter, latents, cache
         self.grid = tuple(grid)  # the video's post-patch (frames, height, width): the reference positions follow it
         n = len(transformer.blocks)
-        self.tokens: list[torch.Tensor | None] = [None] * n
+        self.tokens: list[list[torch.Tensor | None]] = [[None] * n for _ in latents]
         self.keys_values: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n
-        self.rotary_emb = self.modulation = None
+        self.rotary_emb: list = [None] * len(latents)
+        self.modulation = None
         self.in_reference_pass = False  # True while a block runs on reference tokens
         self.video_kv = None  # vanilla ablation: the video keys/values the reference queries also see
+        self.latest_kv = None  # what the self-attention of the reference pass in progress produced
 
     @property
     def recorded(self) -> bool:
@@ -150,13 +162,14 @@ class ReferenceStream:
         in block 0's forward, where offloading hooks have brought the weights."""
         transformer = self.transformer
         dtype = transformer.patch_embedding.weight.dtype
-        x = transformer.patch_embedding(self.latents.to(dtype))
-        reference_grid = tuple(x.shape[3:])
-        x = x.flatten(2).transpose(1, 2).contiguous()
-        # The vanilla ablation lets each sample's reference see its own video: one reference per sample then.
-        self.tokens[0] = x.expand(batch, -1, -1) if self.adapter.attention == "vanilla" else x
-        rotary = reference_rope(transformer.rope, reference_grid, self.grid, self.adapter.positions)
-        self.rotary_emb = tuple(t.to(x.device) for t in rotary)
+        for slot, latents in enumerate(self.latents):
+            x = transformer.patch_embedding(latents.to(dtype))
+            reference_grid = tuple(x.shape[3:])
+            x = x.flatten(2).transpose(1, 2).contiguous()
+            # The vanilla ablation lets each sample's reference see its own video: one reference per sample then.
+            self.tokens[slot][0] = x.expand(batch, -1, -1) if self.adapter.attention == "vanilla" else x
+            rotary = reference_rope(transformer.rope, reference_grid, self.grid, self.adapter.positions, slot)
+            self.rotary_emb[slot] = tuple(t.to(x.device) for t in rotary)
         embedder = transformer.condition_embedder  # its own steps, at t = 0 (the reference is a clean image)
         t0 = embedder.timesteps_proj(torch.zeros(1, device=x.device))
         temb = embedder.time_embedder(t0.to(next(embedder.time_embedder.parameters()).dtype)).to(dtype)
@@ -172,15 +185,21 @@ class ReferenceStream:
             return self.keys_values[index]
         if index == 0:
             self._embed(video_kv[0].shape[0])
-        self.in_reference_pass, self.video_kv = True, video_kv
-        try:  # the class's forward: the hooks on this block instance already ran for the video call we are in
-            output = block_forward(block, self.tokens[index], None, self.modulation, self.rotary_emb)
-        finally:
-            self.in_reference_pass, self.video_kv = False, None
-        if index + 1 < len(self.tokens):
-            self.tokens[index + 1] = output
-        if not torch.is_grad_enabled():  # only backward (checkpointing's recomputation) reads a block's input again
-            self.tokens[index] = None
+        keys, values = [], []
+        for tokens, rotary_emb in zip(self.tokens, self.rotary_emb):
+            self.in_reference_pass, self.video_kv = True, video_kv
+            try:  # the class's forward: the hooks on this block instance already ran for the video call we are in
+                output = block_forward(block, tokens[index], None, self.modulation, rotary_emb)
+            finally:
+                self.in_reference_pass, self.video_kv = False, None
+            if index + 1 < len(tokens):
+                tokens[index + 1] = output
+            if not torch.is_grad_enabled():  # only backward (checkpointing's recomputation) reads it again
+                tokens[index] = None
+            keys.append(self.latest_kv[0])
+            values.append(self.latest_kv[1])
+        self.latest_kv = None
+        self.keys_values[index] = (keys[0], values[0]) if len(keys) == 1 else (torch.cat(keys, 1), torch.cat(values, 1))
         return self.keys_values[index]
 
 
@@ -228,7 +247,7 @@ class StandInSelfAttention:
         query, key, value = project_qkv(attn, reference_states, rotary_emb, loras)
         if stream.cache:
             key, value = key.detach(), value.detach()
-        stream.keys_values[self.index] = (key, value)
+        stream.latest_kv = (key, value)
         if stream.adapter.attention == "vanilla":  # the ablation: reference queries see the video too
             video_key, video_value = stream.video_kv
             key, value = torch.cat([video_key, key], dim=1), torch.cat([video_value, value], dim=1)
@@ -274,11 +293,11 @@ def _processors(transformer: nn.Module) -> list[StandInSelfAttention]:
 
 
 @contextmanager
-def reference_stream(transformer: nn.Module, adapter: StandInAdapter, reference_latents: torch.Tensor,
+def reference_stream(transformer: nn.Module, adapter: StandInAdapter, reference_latents,
                      grid: tuple[int, int, int], cache: bool = True):
-    """Every forward of `transformer` inside, on videos of post-patch `grid` (video_grid()), sees the reference
-    (normalised VAE latents [1, C, 1, H, W]); on exit, also on an exception, it is the base model again and the
-    cache is gone."""
+    """Every forward of `transformer` inside, on videos of post-patch `grid` (video_grid()), sees the reference:
+    normalised VAE latents [1 or B, C, 1, H, W], or a list of them for several identities. On exit, also on an
+    exception, it is the base model again and the cache is gone."""
     install_reference_attention(transformer)
     processors = _processors(transformer)
     if any(p.stream is not None for p in processors):
