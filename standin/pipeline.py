@@ -10,6 +10,7 @@ from_pretrained from any Wan2.1 / Wan2.2 diffusers folder) with its own denoisin
 
 import contextlib
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -157,8 +158,10 @@ class StandInPipeline(WanPipeline):
         return self.scheduler.timesteps
 
     def _velocity(self, model, latents, timestep, prompt_embeds, negative_prompt_embeds, guidance_scale,
-                  batch_guidance: bool, attention_kwargs):
-        """Guided velocity; both branches see the reference (through the expert's stream)."""
+                  batch_guidance: bool, attention_kwargs, stream=None, reference_scale: float = 1.0):
+        """Guided velocity; both text branches see the reference (through the expert's stream). With
+        reference_scale g_ref != 1 a third branch without the reference guides the identity too:
+        v = v(noref, uncond) + g_ref (v(ref, uncond) - v(noref, uncond)) + g_text (v(ref, cond) - v(ref, uncond))."""
 
         def forward(x, embeds, branch):
             # Named as WanPipeline names them, so diffusers' caching hooks (FirstBlockCache, ...) keep one state
@@ -168,14 +171,23 @@ class StandInPipeline(WanPipeline):
                 return model(x, t, embeds, attention_kwargs=attention_kwargs, return_dict=False)[0]
 
         if negative_prompt_embeds is None:
-            return forward(latents, prompt_embeds, "cond")
-        if batch_guidance:
-            both = forward(torch.cat([latents, latents]), torch.cat([prompt_embeds, negative_prompt_embeds]),
-                           "cond_uncond")
-            cond, uncond = both.chunk(2)
+            cond = uncond = forward(latents, prompt_embeds, "cond")
+            velocity = cond
         else:
-            cond, uncond = forward(latents, prompt_embeds, "cond"), forward(latents, negative_prompt_embeds, "uncond")
-        return uncond + guidance_scale * (cond - uncond)
+            if batch_guidance:
+                both = forward(torch.cat([latents, latents]), torch.cat([prompt_embeds, negative_prompt_embeds]),
+                               "cond_uncond")
+                cond, uncond = both.chunk(2)
+            else:
+                cond = forward(latents, prompt_embeds, "cond")
+                uncond = forward(latents, negative_prompt_embeds, "uncond")
+            velocity = uncond + guidance_scale * (cond - uncond)
+        if stream is None or reference_scale == 1.0:
+            return velocity
+        with stream.muted():
+            no_reference = forward(latents, prompt_embeds if negative_prompt_embeds is None else negative_prompt_embeds,
+                                   "no_reference")
+        return velocity + (reference_scale - 1.0) * (uncond - no_reference)
 
     @torch.no_grad()
     def __call__(
@@ -197,6 +209,8 @@ class StandInPipeline(WanPipeline):
         preprocess_reference: bool | None = None,
         cache_reference: bool = True,
         batch_guidance: bool | str = "auto",
+        reference_guidance: float = 1.0,
+        reference_guidance_steps: int | None = None,
         output_type: str = "np",
         return_dict: bool = True,
         attention_kwargs: dict | None = None,
@@ -214,6 +228,10 @@ class StandInPipeline(WanPipeline):
             as the official implementation does (for comparison and benchmarks).
         batch_guidance: run both guidance branches as one batch (True), one after the other (False), or batched
             until the GPU runs out of memory, then sequential ("auto"). All give the same video.
+        reference_guidance: g_ref; 1 is the published sampler. Above 1, a third branch without the reference (one
+            more forward per step, base-model cost) pushes the video towards the identity, as text guidance pushes
+            it towards the prompt (see _velocity). reference_guidance_steps: only in the first N steps (None: all),
+            where layout and identity are decided.
         """
         config = self.config
         height = config.default_height if height is None else height
@@ -224,6 +242,8 @@ class StandInPipeline(WanPipeline):
         experts = self._experts()
         if "transformer" not in experts:
             raise ValueError("StandInPipeline needs `transformer` (the high-noise expert for Wan2.2)")
+        if not math.isfinite(reference_guidance) or reference_guidance < 0:
+            raise ValueError(f"reference_guidance must be a finite number >= 0, got {reference_guidance}")
         if config.expand_timesteps:
             raise NotImplementedError("expand_timesteps (Wan2.2 TI2V-5B's per-token timesteps) is not supported: "
                                       "the published Stand-In adapters are for the 14B models")
@@ -282,13 +302,15 @@ class StandInPipeline(WanPipeline):
         # the video: nothing to cache.
         self._num_timesteps = len(timesteps)
         self.scheduler.set_begin_index(0)
-        with contextlib.ExitStack() as streams, self.progress_bar(total=len(timesteps)) as progress_bar:
+        streams = {}
+        with contextlib.ExitStack() as stack, self.progress_bar(total=len(timesteps)) as progress_bar:
             if reference is not None:
                 reference_latents = [latents.to(device) for latents in reference_latents]
                 for name, model in experts.items():
                     adapter = self.adapters[name].to(device)
                     cache = cache_reference and adapter.attention == "restricted"
-                    streams.enter_context(reference_stream(model, adapter, reference_latents, grid, cache))
+                    streams[model] = stack.enter_context(reference_stream(model, adapter, reference_latents, grid,
+                                                                          cache))
             for i, t in enumerate(timesteps):
                 if self._interrupt:
                     break
@@ -297,16 +319,18 @@ class StandInPipeline(WanPipeline):
                 model = experts["transformer"] if high_noise else experts["transformer_2"]
                 scale = guidance_scale if high_noise else guidance_scale_2
                 args = (model, latents.to(transformer_dtype), t, prompt_embeds, negative_prompt_embeds, scale)
+                in_window = reference_guidance_steps is None or i < reference_guidance_steps
+                extra = dict(stream=streams.get(model), reference_scale=reference_guidance if in_window else 1.0)
                 if batch_guidance == "auto":
                     try:
-                        velocity = self._velocity(*args, True, attention_kwargs)
+                        velocity = self._velocity(*args, True, attention_kwargs, **extra)
                     except torch.cuda.OutOfMemoryError:
                         logger.warning("out of memory with batched guidance; running the branches one by one")
                         torch.cuda.empty_cache()
                         batch_guidance = False
-                        velocity = self._velocity(*args, False, attention_kwargs)
+                        velocity = self._velocity(*args, False, attention_kwargs, **extra)
                 else:
-                    velocity = self._velocity(*args, bool(batch_guidance), attention_kwargs)
+                    velocity = self._velocity(*args, bool(batch_guidance), attention_kwargs, **extra)
                 latents = self.scheduler.step(velocity.float(), t, latents, return_dict=False)[0]
 
                 if callback_on_step_end is not None:

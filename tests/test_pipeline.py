@@ -16,7 +16,7 @@ from conftest import (
 )
 from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
-from standin.models import StandInAdapter
+from standin.models import StandInAdapter, reference_stream, video_grid
 from standin.pipeline import StandInPipeline, standin_scheduler, standin_sigmas
 from standin.tiny import tiny_pipeline, tiny_transformer
 
@@ -241,3 +241,53 @@ def test_several_references_in_one_generation(pipe):
     out = pipe(prompt="x", reference_image=[first, second], **SIZES, num_inference_steps=1, latents=noise(),
                output_type="latent", preprocess_reference=False)
     assert isinstance(out.reference, list) and len(out.reference) == 2
+
+
+# ---- reference guidance -------------------------------------------------------------------------------------
+def test_reference_guidance_1_is_the_published_sampler_and_0_steps_too(pipe):
+    reference = reference_image()
+    expected = run(pipe, reference, negative_prompt="blurry")
+    assert torch.equal(run(pipe, reference, negative_prompt="blurry", reference_guidance=1.0), expected)
+    assert torch.equal(run(pipe, reference, negative_prompt="blurry", reference_guidance=3.0,
+                           reference_guidance_steps=0), expected)
+    windowed = run(pipe, reference, negative_prompt="blurry", reference_guidance=3.0, reference_guidance_steps=1)
+    everywhere = run(pipe, reference, negative_prompt="blurry", reference_guidance=3.0)
+    assert relative_error(windowed, expected) > 1e-4 and relative_error(everywhere, windowed) > 1e-4
+
+
+@torch.no_grad()
+def test_reference_guidance_is_a_third_branch_without_the_reference(pipe):
+    """v = v(noref, uncond) + g_ref (v(ref, uncond) - v(noref, uncond)) + g_text (v(ref, cond) - v(ref, uncond)),
+    and the reference pass still runs once per generation (the branch without it shares the stream)."""
+    reference, seen, lora_calls = reference_image(), {}, []
+    handles = [m.register_forward_hook(lambda *a: lora_calls.append(1))
+               for m in pipe.adapters["transformer"].modules() if hasattr(m, "up")]
+
+    def capture(pipeline, step, timestep, tensors):
+        seen.setdefault(step, tensors["latents"].clone())
+        return {}
+
+    run(pipe, reference, num_inference_steps=2, negative_prompt="blurry", reference_guidance=2.0,
+        callback_on_step_end=capture)
+    for handle in handles:
+        handle.remove()
+    assert len(lora_calls) == 3 * len(pipe.transformer.blocks)
+    positive, negative = pipe.encode_prompt("a man waves in the snow", "blurry", True, 1, max_sequence_length=512,
+                                            device="cpu")
+    x0, t0 = noise(), torch.tensor([1000.0])
+    latents = pipe.encode_reference_image(pipe.prepare_reference_image(reference, preprocess=False))
+    no_reference = pipe.transformer(x0, t0, negative, return_dict=False)[0]
+    with reference_stream(pipe.transformer, pipe.adapters["transformer"], latents,
+                          video_grid(pipe.transformer, x0.shape)):
+        cond = pipe.transformer(x0, t0, positive, return_dict=False)[0]
+        uncond = pipe.transformer(x0, t0, negative, return_dict=False)[0]
+    velocity = no_reference + 2.0 * (uncond - no_reference) + 5.0 * (cond - uncond)
+    sigma = np.array([1.0, 0.5])
+    shifted = 5 * sigma / (1 + 4 * sigma)
+    assert relative_error(seen[0], x0 + velocity * float(shifted[1] - shifted[0])) <= TOLERANCE
+
+
+def test_bad_reference_guidance_is_refused(pipe):
+    for value in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="reference_guidance"):
+            run(pipe, reference_image(), reference_guidance=value)

@@ -152,10 +152,20 @@ class ReferenceStream:
         self.in_reference_pass = False  # True while a block runs on reference tokens
         self.video_kv = None  # vanilla ablation: the video keys/values the reference queries also see
         self.latest_kv = None  # what the self-attention of the reference pass in progress produced
+        self.is_muted = False  # forwards inside muted() run the base model (reference guidance's third branch)
 
     @property
     def recorded(self) -> bool:
         return self.cache and all(kv is not None for kv in self.keys_values)
+
+    @contextmanager
+    def muted(self):
+        """Forwards inside see no reference (the base model), while the stream and its cache stay alive."""
+        self.is_muted = True
+        try:
+            yield
+        finally:
+            self.is_muted = False
 
     def _embed(self, batch: int) -> None:
         """Reference tokens (the base's own patch embedding), their positions and the timestep-0 modulation. Made
@@ -231,7 +241,7 @@ class StandInSelfAttention:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         stream = self.stream
-        if stream is None:
+        if stream is None or stream.is_muted:
             return self.base_processor(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("the Stand-In reference only extends self-attention without a mask")
