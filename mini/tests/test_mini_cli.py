@@ -26,7 +26,7 @@ def test_reference_command_draws_the_shipped_examples(tmp_path, capsys):
     """examples/*.png are `standin mini reference` outputs: the command redraws them pixel for pixel."""
     from pathlib import Path
 
-    examples = sorted((Path(__file__).parent.parent / "examples").glob("*_*.png"))
+    examples = sorted((Path(__file__).parents[2] / "examples").glob("*_*.png"))
     assert {path.stem.split("_")[0] for path in examples} == {"woman", "man", "child", "person"}
     for example in examples:
         identity = example.stem.split("_")[1]

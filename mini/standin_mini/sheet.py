@@ -1,7 +1,7 @@
 """Contact sheets of the mini world: a grid of identities, or the frames of clips with their prompts.
 
-    python -m standin.mini.sheet identities.png          # 8 x 4 identities in their scenes
-    python -m standin.mini.sheet clips.png --clips 6     # one row per clip, every other frame
+    python -m standin_mini.sheet identities.png          # 8 x 4 identities in their scenes
+    python -m standin_mini.sheet clips.png --clips 6     # one row per clip, every other frame
 """
 
 import argparse
@@ -9,9 +9,9 @@ import argparse
 import numpy as np
 from PIL import Image, ImageDraw
 
-from standin.mini import world
-from standin.mini.data import HELDOUT_IDENTITIES, make_clip, make_reference, split_identity
-from standin.mini.prompts import sample_prompt
+from standin_mini import world
+from standin_mini.data import HELDOUT_IDENTITIES, make_clip, make_reference, split_identity
+from standin_mini.prompts import sample_prompt
 
 
 def identity_sheet(identity_ids, columns: int = 8, tile: int = 96, seed: int = 0) -> Image.Image:

@@ -29,7 +29,7 @@ def load_mini_pipeline(device=None, adapter: bool = True) -> StandInPipeline:
     """The mini pipeline in float32 on `device` (default CPU), with its Stand-In adapter unless adapter=False."""
     if not (MINI_WEIGHTS / "model_index.json").is_file():
         raise FileNotFoundError(f"the mini base model is missing from {MINI_WEIGHTS}: "
-                                f"train it with `python -m standin.mini.train_base` (see its docstring)")
+                                f"train it with `python -m standin_mini.train_base` (see its docstring)")
     if adapter and not MINI_ADAPTER.is_file():
         raise FileNotFoundError(f"the mini Stand-In adapter is not trained yet ({MINI_ADAPTER} is missing): "
                                 f"train it with `standin train`, or load the base alone with adapter=False")

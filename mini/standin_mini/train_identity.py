@@ -1,7 +1,7 @@
 """Train (and evaluate) the mini world's face recogniser from scratch, on a CPU.
 
-    python -m standin.mini.train_identity --out standin/mini/weights/identity.safetensors
-    python -m standin.mini.train_identity --evaluate-only --out standin/mini/weights/identity.safetensors
+    python -m standin_mini.train_identity --out mini/standin_mini/weights/identity.safetensors
+    python -m standin_mini.train_identity --evaluate-only --out mini/standin_mini/weights/identity.safetensors
 
 Every batch is rendered on the fly from (seed, step) alone, so the run is a pure function of its config: a
 checkpoint holds the step, the networks and the optimizer, and a killed run started again with the same
@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from standin.faces.base import Face
-from standin.mini import world
-from standin.mini.data import (
+from standin_mini import world
+from standin_mini.data import (
     HELDOUT_IDENTITIES,
     Degradation,
     crop_reference,
@@ -35,7 +35,7 @@ from standin.mini.data import (
     random_degradation,
     split_identity,
 )
-from standin.mini.identity import (
+from standin_mini.identity import (
     DEFAULT_RULES,
     DEFAULT_WEIGHTS,
     DETECT_SIZE,
@@ -51,7 +51,7 @@ from standin.mini.identity import (
     letterbox,
     to_input,
 )
-from standin.mini.prompts import ACTIONS, Prompt, sample_prompt
+from standin_mini.prompts import ACTIONS, Prompt, sample_prompt
 
 
 @dataclass

@@ -16,9 +16,9 @@ import numpy as np
 from PIL import Image
 
 from standin.io import atomic_write, save_image
-from standin.mini import prepare, sheet, train_identity, world
-from standin.mini.data import make_clip, make_reference
-from standin.mini.identity import check_prompt
+from standin_mini import prepare, sheet, train_identity, world
+from standin_mini.data import make_clip, make_reference
+from standin_mini.identity import check_prompt
 from standin.video import save_video
 
 

@@ -2,7 +2,7 @@
 transformer.
 
     standin mini prepare --out runs/mini_data --clips 3000
-    standin train --base standin/mini/weights/base --data runs/mini_data --val-data mini -o runs/mini ...
+    standin train --base mini/standin_mini/weights/base --data runs/mini_data --val-data mini -o runs/mini ...
 
 Item i of the folder is item i of the train split `standin train --data mini` renders on the fly (the same
 clip, reference and prompt), encoded once by the base's own VAE and text encoder, in the layout
@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from standin.io import atomic_write, save_image, save_text
-from standin.mini.model import MINI_FPS, MINI_SIZES, MINI_WEIGHTS
+from standin_mini.model import MINI_FPS, MINI_SIZES, MINI_WEIGHTS
 from standin.train.config import PrepareSettings
 from standin.train.data import MANIFEST, mini_dataset, tensor_to_image
 from standin.train.prepare import ClipEncoder
@@ -72,7 +72,7 @@ def prepare_mini(out: str | Path, clips: int, base: str | Path = MINI_WEIGHTS, w
                                reference_size=encoder.pipe.config.reference_size, face_backend="mini",
                                background="keep")
     manifest = {"format": "standin-dataset", "version": 1, "settings": asdict(settings), "face_backend": "mini",
-                "encoded_with": encoded_with, "source": "the mini world's train split (standin.mini.data)",
+                "encoded_with": encoded_with, "source": "the mini world's train split (standin_mini.data)",
                 "videos": clips, "clips": entries, "skipped": []}
     save_text(json.dumps(manifest, indent=2), out / MANIFEST)
     return manifest

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from standin.mini import world
-from standin.mini.prompts import Prompt, parse_prompt, sample_prompt
+from standin_mini import world
+from standin_mini.prompts import Prompt, parse_prompt, sample_prompt
 
 HELDOUT_IDENTITIES = 10_000
 MAX_ZOOM = 2.0  # the largest camera zoom of a clip; backgrounds are drawn this much sharper for it

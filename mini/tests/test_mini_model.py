@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from standin.mini import model, train_base
-from standin.mini.model import MINI_SIZES, MINI_WEIGHTS, load_mini_pipeline
-from standin.mini.tokenizer import mini_tokenizer, vocabulary
+from standin_mini import model, train_base
+from standin_mini.model import MINI_SIZES, MINI_WEIGHTS, load_mini_pipeline
+from standin_mini.tokenizer import mini_tokenizer, vocabulary
 from standin.pipeline import WAN_NEGATIVE_PROMPT
 
 TINY_VAE = train_base.VaeConfig(base_dim=4, dim_mult=(1, 2, 2, 2), steps=4, batch=3, crop=16, eval_clips=1,
@@ -20,7 +20,7 @@ TINY_T2V = train_base.T2VConfig(clips=4, text_dim=8, heads=2, head_dim=12, layer
                                 steps=4, batch=2, warmup=2, checkpoint_every=2)
 
 
-EXAMPLES = Path(__file__).parent.parent / "examples"
+EXAMPLES = Path(__file__).parents[2] / "examples"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -122,7 +122,7 @@ def test_shipped_pipeline_samples_with_the_shift_it_was_trained_for(pipe):
 def test_prepared_mini_clips_are_the_on_the_fly_ones_encoded(pipe, tmp_path):
     """`standin mini prepare` stores exactly what `standin train --data mini` computes from item i, and an
     interrupted run completes to the same folder."""
-    from standin.mini.prepare import prepare_mini
+    from standin_mini.prepare import prepare_mini
     from standin.train.data import PreparedDataset, PromptEncoder, mini_dataset, vae_latents
 
     manifest = prepare_mini(tmp_path, clips=3, workers=0, progress=False)
@@ -170,7 +170,7 @@ def test_shipped_adapter_uses_the_identity(standin_pipe):
     """On held-out clips, the denoising loss is lower with the clip's own reference than without one, and higher
     with another identity's: the adapter reads the identity (measured at the noise level where identity is drawn;
     the margins seen on 48 clips are several times what 16 clips need, see docs/mini_results.md)."""
-    from standin.mini.evaluate import reference_use
+    from standin_mini.evaluate import reference_use
 
     loss = reference_use(standin_pipe, {"standin": standin_pipe.adapters["transformer"]}, count=16)["standin"]
     assert loss["right@0.95"] < loss["base@0.95"] < loss["wrong@0.95"]
