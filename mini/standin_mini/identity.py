@@ -28,9 +28,10 @@ from torch import nn
 from standin.faces.base import Face
 from standin_mini.data import crop_reference
 from standin_mini.prompts import Prompt, parse_prompt
+from standin_mini.settings import IDENTITY_WEIGHTS
 from standin_mini.world import ADULT_DETAILS, ATTRIBUTES, PLACES, TIMES, who_of
 
-DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "identity.safetensors"
+DEFAULT_WEIGHTS = IDENTITY_WEIGHTS
 DETECT_SIZE = 64  # frames are letterboxed to this square
 STRIDE = 4  # detector output cell, pixels of the 64x64 input
 EMBED_SIZE = 48  # face crop side

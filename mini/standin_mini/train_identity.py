@@ -15,7 +15,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -52,21 +52,10 @@ from standin_mini.identity import (
     to_input,
 )
 from standin_mini.prompts import ACTIONS, Prompt, sample_prompt
+from standin_mini.settings import IdentityTrainConfig
 
 
-@dataclass
-class TrainConfig:
-    steps: int = 1600
-    detector_batch: int = 32  # frames
-    embedder_identities: int = 48  # identities per batch, two views each
-    lr: float = 2e-3
-    weight_decay: float = 5e-4
-    temperature: float = 0.1  # of the contrastive loss
-    warmup: int = 100
-    checkpoint_every: int = 100
-    log_every: int = 25
-    workers: int = 1  # processes rendering batches ahead of the training step
-    seed: int = 0
+TrainConfig = IdentityTrainConfig  # its settings live in settings.py: the command line reads their defaults
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -471,15 +460,6 @@ def evaluate(backend: MiniFaceBackend, seed: int = 1, identities: int = 200, cli
     return metrics
 
 
-def add_arguments(parser: argparse.ArgumentParser):
-    parser.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS, help="weights file; its .json gets the metrics")
-    parser.add_argument("--work", type=Path, default=Path("outputs/mini_identity"),
-                        help="checkpoint and log directory; an existing checkpoint there is resumed")
-    parser.add_argument("--steps", type=int, default=TrainConfig.steps)
-    parser.add_argument("--seed", type=int, default=TrainConfig.seed)
-    parser.add_argument("--evaluate-only", action="store_true", help="measure the weights at --out, don't train")
-
-
 def run(args: argparse.Namespace):
     torch.set_num_threads(1)  # the machine is shared; a data worker renders on the other core
     config = TrainConfig(steps=args.steps, seed=args.seed)
@@ -499,6 +479,8 @@ def run(args: argparse.Namespace):
 
 
 if __name__ == "__main__":
+    from standin_mini.cli import train_identity_arguments
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
+    train_identity_arguments(parser)
     run(parser.parse_args())
