@@ -23,8 +23,8 @@ def add_parser(subparsers) -> None:
     )
     generate.add_argument("--base", help="Wan diffusers folder, original Wan folder or hub id (default: the "
                           "installed default model, the embedded mini model of standin-mini)")
-    generate.add_argument("--adapter", help="Stand-In adapter (.ckpt / .safetensors) for --base; for Wan2.2 the "
-                          "*_high file (default: none without --base's own; the default model brings its own)")
+    generate.add_argument("--adapter", help="the Stand-In adapter (.ckpt / .safetensors) of --base, needed with "
+                          "--reference; for Wan2.2 the *_high file (the default model brings its own)")
     generate.add_argument("--adapter-low", help="Wan2.2 only: the *_low adapter file for the low-noise expert")
     generate.add_argument("--reference", help="reference photo (omit to generate without identity control); for the "
                           "mini model a mini-world reference, e.g. examples/woman_34.png or `standin mini reference`")
@@ -76,8 +76,8 @@ def same_file(a: Path, b: Path) -> bool:
 
 
 def check_outputs(outputs: list[Path], inputs: list) -> None:
-    """Refuse, before any work, to write an output over an input file (e.g. `--reference x.reference.png -o
-    x.mp4`, or `--reference me.png -o me.png.mp4`)."""
+    """Refuse, before any work, to write an output over an input file (e.g. `-o x.mp4 --reference
+    x.reference.png`, which the reference as the model saw it would replace)."""
     from standin.io import check_writable
 
     for output in outputs:
@@ -90,6 +90,8 @@ def check_outputs(outputs: list[Path], inputs: list) -> None:
 def run_generate(args) -> int:
     if args.base is None and (args.adapter is not None or args.adapter_low is not None):
         return fail("--adapter and --adapter-low need --base (the default model brings its own adapter)")
+    if args.base is not None and args.reference is not None and args.adapter is None:
+        return fail("--reference needs the Stand-In --adapter of --base (or no --reference: the base alone)")
     output = Path(args.output)
     if output.suffix.lower() != ".mp4":
         return fail(f"output must be an .mp4 file, got {output.name}")

@@ -16,7 +16,7 @@ import torch
 from standin.io import save_image, save_text
 from standin.pipeline import WAN_NEGATIVE_PROMPT
 from standin.train.data import MINI, PreparedDataset, is_named_dataset, named_dataset, tensor_to_image
-from standin.video import contact_sheet, save_video
+from standin.video import companion_paths, contact_sheet, save_video
 
 logger = logging.getLogger(__name__)
 
@@ -95,11 +95,12 @@ def run_validation(pipe, cases: list[ValidationCase], folder: Path | None, *, he
         if folder is None:
             continue
         folder.mkdir(parents=True, exist_ok=True)
-        stem = folder / f"case-{number:02d}"
-        save_video(frames, stem.with_suffix(".mp4"), fps=fps)
-        save_image(contact_sheet(frames), stem.with_name(stem.name + "-sheet.png"))
-        save_image(case.reference, stem.with_name(stem.name + "-reference.png"))
-        result = {"case": number, "prompt": case.prompt, "video": str(stem.with_suffix(".mp4"))}
+        video = folder / f"case-{number:02d}.mp4"
+        reference_path, sheet_path = companion_paths(video)  # as `standin generate` names them
+        save_video(frames, video, fps=fps)
+        save_image(contact_sheet(frames), sheet_path)
+        save_image(case.reference, reference_path)
+        result = {"case": number, "prompt": case.prompt, "video": str(video)}
         if backend is not None:
             result.update(face_similarity((np.clip(frames, 0, 1) * 255).round().astype(np.uint8), case.reference,
                                           backend))
