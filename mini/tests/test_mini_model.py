@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from standin_mini import model, train_base
@@ -191,6 +192,28 @@ def test_generate_with_a_shipped_reference_then_measure_it(tmp_path, capsys):
     assert main(["eval", str(video), "--reference", str(tmp_path / "demo.reference.png"), "--backend", "mini"]) == 0
     scores = json.loads(capsys.readouterr().out)
     assert 0.0 <= scores["face_rate"] <= 1.0 and "face_sim" in scores and scores["motion"] >= 0
+
+
+def test_generate_follows_the_mini_base_folder_config(tmp_path, capsys):
+    """`--base <the mini folder>` is the mini model for any caller: its 64x64, 17 frames at 8 fps and uncropped
+    references come from its model_index.json, not from a special case for the default model."""
+    import imageio
+
+    from standin.cli import main
+    from standin.video import read_video
+
+    video = tmp_path / "base.mp4"
+    reference = EXAMPLES / "man_2.png"
+    assert main(["generate", "--base", str(MINI_WEIGHTS), "--adapter", str(model.MINI_ADAPTER), "--reference",
+                 str(reference), "--prompt", "A man nods in a room at noon.", "-o", str(video), "--steps", "2"]) == 0
+    assert read_video(video).shape == (17, 64, 64, 3)
+    with imageio.get_reader(video) as reader:
+        assert reader.get_meta_data()["fps"] == 8
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["frames"] == 17
+    # not face-cropped: the model saw the 64x64 mini-world reference as it is
+    seen = np.asarray(Image.open(report["reference"]).convert("RGB"))
+    assert np.array_equal(seen, np.asarray(Image.open(reference).convert("RGB")))
 
 
 def test_missing_adapter_is_a_clear_error(tmp_path, monkeypatch):
