@@ -20,8 +20,8 @@ SUBCOMMAND_MODULES = (
 
 DESCRIPTION = """\
 Stand-In identity control on Wan video diffusion transformers: one photo of a person and a prompt in, a video of
-that person doing what the prompt says out. Without --base, `standin generate` runs the embedded mini model (CPU,
-seconds; pip install -e mini/). `standin COMMAND --help` describes each command.
+that person doing what the prompt says out. Without --base, `standin generate` runs the embedded mini model (a
+CPU is enough; pip install -e ./mini). `standin COMMAND --help` describes each command.
 """
 
 
