@@ -38,6 +38,13 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    from standin.cli import device_error, fail
+
+    if device_error(args.device):
+        return fail(device_error(args.device))
+    for name in ("steps", "rounds"):
+        if getattr(args, name) < 1:
+            return fail(f"--{name} must be at least 1, got {getattr(args, name)}")
     from standin.bench import run as run_bench
 
     return run_bench(args)

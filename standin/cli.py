@@ -31,6 +31,23 @@ def fail(message: str, status: int = 1) -> int:
     return status
 
 
+def device_error(name: str | None) -> str | None:
+    """Why a --device cannot be used here (imports torch: call it when the command runs), or None."""
+    if name is None:
+        return None
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return f"unknown --device {name!r} (e.g. cpu, cuda, cuda:1)"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {name}: this torch ({torch.__version__}) sees no CUDA GPU"
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        return f"--device {name}: there are {torch.cuda.device_count()} CUDA devices"
+    return None
+
+
 def _plugin_modules() -> list:
     """The modules of the `standin.commands` entry points, by name."""
     from standin.plugins import COMMANDS, registered

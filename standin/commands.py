@@ -8,7 +8,7 @@ import os
 import time
 from pathlib import Path
 
-from standin.cli import fail
+from standin.cli import device_error, fail
 
 NO_DEFAULT_MODEL = "no --base given and no default model is installed (pip install -e mini/ for the embedded mini model)"
 
@@ -95,6 +95,11 @@ def run_generate(args) -> int:
     output = Path(args.output)
     if output.suffix.lower() != ".mp4":
         return fail(f"output must be an .mp4 file, got {output.name}")
+    for name in ("steps", "fps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            return fail(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if device_error(args.device):
+        return fail(device_error(args.device))
 
     from standin.checkpoint import AdapterFileError
     from standin.video import companion_paths

@@ -180,3 +180,14 @@ def test_reference_with_base_needs_its_adapter(model_folder, tmp_path, capsys):
                  "--prompt", "x", "-o", str(tmp_path / "o.mp4")])
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "--adapter" in err and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("extra, message", [(["--device", "banana"], "unknown --device 'banana'"),
+                                            (["--steps", "0"], "--steps must be at least 1"),
+                                            (["--fps", "0"], "--fps must be at least 1")])
+def test_bad_settings_are_one_line_errors_before_any_work(model_folder, tmp_path, capsys, extra, message):
+    code = main(["generate", "--base", str(model_folder / "base"), "--prompt", "x", "-o", str(tmp_path / "o.mp4"),
+                 *extra])
+    err = capsys.readouterr().err
+    assert code == 1 and err == f"error: {err[7:]}" and err.count("\n") == 1 and message in err
+    assert not list(tmp_path.iterdir())

@@ -123,7 +123,10 @@ def _sheet(args) -> int:
 def _train_identity(args) -> int:
     from standin_mini import train_identity
 
-    train_identity.run(args)
+    try:
+        train_identity.run(args)
+    except (OSError, ValueError) as error:
+        return fail(str(error))
     return 0
 
 

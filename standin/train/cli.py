@@ -88,7 +88,11 @@ def add_parser(subparsers) -> None:
 
 
 def run_prepare(args) -> int:
+    from standin.cli import device_error
     from standin.train.prepare import prepare_dataset
+
+    if args.encode_with and device_error(args.device):
+        return fail(device_error(args.device))
 
     settings = PrepareSettings(
         height=args.height, width=args.width, num_frames=args.frames, fps=args.fps, max_clips=args.max_clips,
