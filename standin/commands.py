@@ -10,7 +10,8 @@ from pathlib import Path
 
 from standin.cli import device_error, fail
 
-NO_DEFAULT_MODEL = "no --base given and no default model is installed (pip install -e mini/ for the embedded mini model)"
+NO_DEFAULT_MODEL = ("no --base given and no default model is installed "
+                    "(pip install -e mini/ for the embedded mini model)")
 
 
 def add_parser(subparsers) -> None:

@@ -57,6 +57,7 @@ def _cached_backend(name_or_path: str) -> FaceBackend:
             raise FaceModelError(f"{path}: no such ONNX model file")
         return InsightFaceBackend(recognizer=path)
     raise ValueError(
-        f"unknown face backend {name_or_path!r}: use one of the installed names {[*DLIB_NAMES, *names(FACE_BACKENDS)]}, "
-        "an insightface model folder (e.g. antelopev2) or an ArcFace/CurricularFace .onnx file"
+        f"unknown face backend {name_or_path!r}: use one of the installed names "
+        f"{[*DLIB_NAMES, *names(FACE_BACKENDS)]}, an insightface model folder (e.g. antelopev2) or an "
+        "ArcFace/CurricularFace .onnx file"
     )
