@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 import psutil
 import torch
 
+from standin.bench_cli import add_arguments
 from standin.io import save_text
 from standin.models import StandInAdapter, StandInModel, cast_like_pretrained
 from standin.tiny import tiny_transformer
@@ -242,27 +243,6 @@ def print_table(results) -> None:
               f"{r.cached_step_vs_diffusers:>+11.2%} {r.uncached_step_overhead:>+8.2%} "
               f"{r.cached_generation_overhead:>+9.2%} "
               f"{r.uncached_generation_overhead:>+11.2%} {memory:>20}")
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--config", nargs="+", default=["tiny", "medium"], choices=sorted(CONFIGS))
-    parser.add_argument("--layers", type=int, help="override the number of blocks (fit the real sizes on a GPU)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    parser.add_argument("--steps", type=int, default=4, help="denoising steps per measured generation (at least 2)")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved repetitions; medians are reported")
-    parser.add_argument("--fp8", action="store_true", help="store the base weights in float8 (layerwise casting)")
-    parser.add_argument("--memory", action="store_true", help="also measure peak memory per variant")
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
-    parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-
-
-def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("bench", help="time and memory of Stand-In vs the base, side by side",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    parser.set_defaults(func=run)
 
 
 def run(args) -> int:

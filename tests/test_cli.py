@@ -36,8 +36,13 @@ def test_generate_writes_a_playable_video_and_a_contact_sheet(model_folder, tmp_
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     frames = read_video(tmp_path / "out.mp4")
     assert frames.shape == (5, 32, 48, 3) and report["frames"] == 5
-    assert PIL.Image.open(tmp_path / "out.png").size == (5 * 48, 32)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4", "out.png"]  # no temporary left behind
+    assert PIL.Image.open(tmp_path / "out.sheet.png").size == (5 * 48, 32)
+    # the reference as the model saw it: squared (white padding) and resized to the model's reference size
+    assert PIL.Image.open(tmp_path / "out.reference.png").size == (32, 32)
+    assert report["reference"] == str(tmp_path / "out.reference.png")
+    assert report["contact_sheet"] == str(tmp_path / "out.sheet.png")
+    # no temporary left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4", "out.reference.png", "out.sheet.png"]
 
 
 def test_same_seed_same_video_other_seed_other_video(model_folder, tmp_path):
@@ -87,3 +92,102 @@ def test_convert_command(model_folder, tmp_path, capsys):
     converted = load_file(str(tmp_path / "out.safetensors"))
     assert all(torch.equal(converted[k], state[k]) for k in state)
     assert main(["convert", str(tmp_path / "nope.ckpt"), "-o", str(tmp_path / "x.safetensors")]) == 1
+
+
+def test_outputs_never_overwrite_an_input(model_folder, tmp_path, capsys):
+    """`--reference x.png -o x.mp4` keeps x.png and writes x.reference.png / x.sheet.png beside it; an output
+    that IS an input is refused before the generation, with nothing written."""
+    import shutil
+
+    reference = shutil.copy(model_folder / "face.png", tmp_path / "x.png")
+    before = reference.read_bytes()
+    args = ["generate", "--base", str(model_folder / "base"), "--adapter", str(model_folder / "adapter.safetensors"),
+            "--prompt", "x", "--height", "32", "--width", "32", "--frames", "5", "--steps", "1", "--device", "cpu"]
+    assert main(args + ["--reference", str(reference), "-o", str(tmp_path / "x.mp4")]) == 0
+    assert reference.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.mp4", "x.png", "x.reference.png", "x.sheet.png"]
+    capsys.readouterr()
+
+    for clash in ("y.reference.png", "y.sheet.png"):
+        shutil.copy(model_folder / "face.png", tmp_path / clash)
+        before = (tmp_path / clash).read_bytes()
+        assert main(args + ["--reference", str(tmp_path / clash), "-o", str(tmp_path / "y.mp4")]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "would overwrite the reference" in err
+        assert (tmp_path / clash).read_bytes() == before and not (tmp_path / "y.mp4").exists()
+        (tmp_path / clash).unlink()
+    assert not (tmp_path / "y.sheet.png").exists() and not (tmp_path / "y.reference.png").exists()
+
+
+def test_without_a_reference_no_reference_file(model_folder, tmp_path, capsys):
+    code = main(["generate", "--base", str(model_folder / "base"), "--prompt", "a person nods", "-o",
+                 str(tmp_path / "plain.mp4"), "--height", "32", "--width", "32", "--frames", "5", "--steps", "1",
+                 "--device", "cpu"])
+    assert code == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["reference"] is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.mp4", "plain.sheet.png"]
+
+
+@pytest.mark.parametrize("adapter", ["adapter.safetensors", "does-not-exist.ckpt"])
+def test_adapter_without_base_is_an_error(model_folder, tmp_path, capsys, adapter):
+    """It used to be ignored silently (the default model brings its own adapter)."""
+    for flag in ("--adapter", "--adapter-low"):
+        code = main(["generate", flag, str(model_folder / adapter), "--prompt", "x", "-o", str(tmp_path / "o.mp4")])
+        err = capsys.readouterr().err
+        assert code == 1 and err.startswith("error: ") and err.count("\n") == 1 and "need --base" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_sizes_fps_and_preprocessing_come_from_the_base(tmp_path, capsys):
+    """Any base's config gives the defaults (here a tiny base saved with other ones); the flags override them."""
+    from standin.video import companion_paths
+
+    pipe = tiny_pipeline()
+    pipe.register_to_config(default_height=16, default_width=32, default_num_frames=9, default_fps=5,
+                            preprocess_reference=False)
+    pipe.save_pretrained(tmp_path / "base")
+    save_adapter(pipe.adapters["transformer"], tmp_path / "adapter.safetensors")
+    pixels = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    PIL.Image.fromarray(pixels).save(tmp_path / "ref.png")
+    common = ["generate", "--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter.safetensors"),
+              "--reference", str(tmp_path / "ref.png"), "--prompt", "x", "--steps", "1", "--device", "cpu"]
+    assert main(common + ["-o", str(tmp_path / "a.mp4")]) == 0
+    import imageio
+
+    with imageio.get_reader(tmp_path / "a.mp4") as reader:
+        assert reader.get_meta_data()["fps"] == 5
+    assert read_video(tmp_path / "a.mp4").shape == (9, 16, 32, 3)
+    # preprocess_reference False: the reference is only squared, here already square at the model's size
+    seen = np.asarray(PIL.Image.open(companion_paths(tmp_path / "a.mp4")[0]))
+    assert np.array_equal(seen, pixels)
+    assert main(common + ["-o", str(tmp_path / "b.mp4"), "--height", "32", "--frames", "5", "--fps", "7"]) == 0
+    with imageio.get_reader(tmp_path / "b.mp4") as reader:
+        assert reader.get_meta_data()["fps"] == 7
+    assert read_video(tmp_path / "b.mp4").shape == (5, 32, 32, 3)
+
+
+def test_help_shows_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = capsys.readouterr().out
+    assert "(default: None)" not in out and "(default: False)" not in out
+    for line in out.split("  -")[1:]:
+        assert line.count("(default") <= 1, line
+
+
+def test_reference_with_base_needs_its_adapter(model_folder, tmp_path, capsys):
+    code = main(["generate", "--base", str(model_folder / "base"), "--reference", str(model_folder / "face.png"),
+                 "--prompt", "x", "-o", str(tmp_path / "o.mp4")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "--adapter" in err and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("extra, message", [(["--device", "banana"], "unknown --device 'banana'"),
+                                            (["--steps", "0"], "--steps must be at least 1"),
+                                            (["--fps", "0"], "--fps must be at least 1")])
+def test_bad_settings_are_one_line_errors_before_any_work(model_folder, tmp_path, capsys, extra, message):
+    code = main(["generate", "--base", str(model_folder / "base"), "--prompt", "x", "-o", str(tmp_path / "o.mp4"),
+                 *extra])
+    err = capsys.readouterr().err
+    assert code == 1 and err == f"error: {err[7:]}" and err.count("\n") == 1 and message in err
+    assert not list(tmp_path.iterdir())

@@ -249,7 +249,7 @@ def test_cli_trains_on_the_mini_world_and_writes_validation_videos(tiny_base, tm
     for step in ("step-0000001", "step-0000002"):
         folder = run / "validation" / step
         assert sorted(p.name for p in folder.iterdir()) == [
-            "case-00-reference.png", "case-00-sheet.png", "case-00.mp4", "results.json"]
+            "case-00.mp4", "case-00.reference.png", "case-00.sheet.png", "results.json"]
     assert report["validation"][0]["video"].endswith("step-0000002/case-00.mp4")
     transformer = WanTransformer3DModel.from_pretrained(tiny_base / "transformer")
     assert load_adapter(run / "adapter.safetensors", transformer).rank == 4

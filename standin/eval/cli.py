@@ -3,11 +3,9 @@
 import json
 from pathlib import Path
 
-from standin.eval.batch import EXPECTED_ERRORS, evaluate_pairs, find_pairs, format_table, read_pairs_csv
-from standin.eval.metrics import DEFAULT_NUM_FRAMES, evaluate_video
 from standin.cli import fail
-from standin.faces import FaceModelError
-from standin.io import save_text
+
+DEFAULT_NUM_FRAMES = 32  # standin.eval.metrics.DEFAULT_NUM_FRAMES, without importing cv2 to build the parser
 
 
 def add_parser(subparsers) -> None:
@@ -24,18 +22,24 @@ def add_parser(subparsers) -> None:
     parser.add_argument("video", nargs="?", help="a video file, or a folder of videos")
     parser.add_argument("--reference", help="reference photo (required for a single video; with a folder, used for every video)")
     parser.add_argument("--pairs", help="CSV with a header and columns video,reference (relative to the CSV)")
-    parser.add_argument("--frames", type=int, default=DEFAULT_NUM_FRAMES, help="frames sampled per video (default 32)")
+    parser.add_argument("--frames", type=int, default=DEFAULT_NUM_FRAMES,
+                        help=f"frames sampled per video (default {DEFAULT_NUM_FRAMES})")
     parser.add_argument(
         "--backend",
         default="dlib",
-        help="face backend: dlib (default), dlib-hog, dlib-cnn, mini (the mini world), an insightface model "
-        "folder, or a recogniser .onnx",
+        help="face backend: dlib (default), dlib-hog, dlib-cnn, an installed one such as mini (the mini world, "
+        "from standin-mini), an insightface model folder, or a recogniser .onnx",
     )
     parser.add_argument("-o", "--output", help="also write the JSON here")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from standin.eval.batch import EXPECTED_ERRORS, evaluate_pairs, find_pairs, format_table, read_pairs_csv
+    from standin.eval.metrics import evaluate_video
+    from standin.faces import FaceModelError
+    from standin.io import save_text
+
     if args.frames < 1:
         return fail(f"--frames must be at least 1, got {args.frames}", status=2)
     if (args.video is None) == (args.pairs is None):

@@ -20,7 +20,9 @@ def get_backend(name_or_path=None) -> FaceBackend:
                             pack's ArcFace recogniser, run with onnxruntime
     file.onnx             - an ArcFace-style recogniser (ArcFace, CurricularFace; 112x112 input aligned by five
                             landmarks) with dlib detection
-    "mini"                - the mini world's face model (standin.mini), for videos of the embedded mini model
+    other names           - a backend another installed package registers as a `standin.face_backends` entry
+                            point (a class built without arguments), e.g. "mini": the mini world's face model
+                            (package standin-mini), for videos of the embedded mini model
     Backends built from names and paths are cached: models load once per process.
     """
     if name_or_path is None:
@@ -38,10 +40,11 @@ def _cached_backend(name_or_path: str) -> FaceBackend:
         from standin.faces.dlib_backend import DlibBackend
 
         return DlibBackend(detector=DLIB_NAMES[name_or_path])
-    if name_or_path == "mini":
-        from standin.mini.identity import MiniFaceBackend
+    from standin.plugins import FACE_BACKENDS, load, names
 
-        return MiniFaceBackend()
+    installed = load(FACE_BACKENDS, name_or_path)
+    if installed is not None:
+        return installed()
     path = Path(name_or_path)
     if path.is_dir():
         from standin.faces.onnx_backend import InsightFaceBackend
@@ -54,6 +57,7 @@ def _cached_backend(name_or_path: str) -> FaceBackend:
             raise FaceModelError(f"{path}: no such ONNX model file")
         return InsightFaceBackend(recognizer=path)
     raise ValueError(
-        f"unknown face backend {name_or_path!r}: use one of {sorted([*DLIB_NAMES, 'mini'])}, an insightface model "
-        "folder (e.g. antelopev2) or an ArcFace/CurricularFace .onnx file"
+        f"unknown face backend {name_or_path!r}: use one of the installed names "
+        f"{[*DLIB_NAMES, *names(FACE_BACKENDS)]}, an insightface model folder (e.g. antelopev2) or an "
+        "ArcFace/CurricularFace .onnx file"
     )

@@ -3,10 +3,6 @@
 import json
 
 from standin.cli import fail
-from standin.faces import FaceModelError
-from standin.io import save_image
-from standin.preprocess.images import ImageLoadError
-from standin.preprocess.reference import preprocess_reference
 
 
 def add_parser(subparsers) -> None:
@@ -34,6 +30,11 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    from standin.faces import FaceModelError
+    from standin.io import save_image
+    from standin.preprocess.images import ImageLoadError
+    from standin.preprocess.reference import preprocess_reference
+
     try:
         result = preprocess_reference(args.image, backend=args.backend, size=args.size, background=args.background)
         save_image(result.image, args.output)

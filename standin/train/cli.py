@@ -10,7 +10,7 @@ from standin.train.config import PrepareSettings, TrainConfig
 def add_parser(subparsers) -> None:
     defaults = PrepareSettings()
     prepare = subparsers.add_parser(
-        "prepare-data", help="cut training clips, reference faces and captions from a folder of videos",
+        "prepare-data", help="cut training clips, reference faces and captions from videos",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     prepare.add_argument("videos", help="folder of videos; captions beside them as NAME.txt or NAME.json")
@@ -35,11 +35,13 @@ def add_parser(subparsers) -> None:
 
     c = TrainConfig(base="", data="", output="")
     train = subparsers.add_parser(
-        "train", help="train Stand-In adapters on a frozen Wan base (accelerate launch for several GPUs)",
+        "train", help="train Stand-In adapters on a frozen Wan base",
+        description="Train Stand-In adapters on a frozen Wan base; `accelerate launch` for several GPUs.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     train.add_argument("--base", required=True, help="Wan diffusers folder, original Wan folder or hub id")
-    train.add_argument("--data", required=True, help="a `standin prepare-data` folder, or 'mini' (the mini world)")
+    train.add_argument("--data", required=True, help="a `standin prepare-data` folder, or an installed dataset's name: 'mini' (the mini world, "
+                       "from standin-mini)")
     train.add_argument("-o", "--output", required=True, help="run folder (checkpoints, log, validation, report)")
     train.add_argument("--resume", action="store_true", help="continue the run in the output folder where its last "
                        "checkpoint left it (starts afresh if it has none)")
@@ -66,11 +68,11 @@ def add_parser(subparsers) -> None:
     system.add_argument("--fsdp", action="store_true", help="shard the base over the processes (FSDP2)")
     system.add_argument("--mixed-precision", choices=("no", "bf16"), help="default: bf16 on GPU, float32 on CPU")
     system.add_argument("--num-workers", type=int, default=c.num_workers, help="data loader processes")
-    data = train.add_argument_group("mini-world clips and validation video size (default: the dataset's)")
+    data = train.add_argument_group("clip size of named datasets and of validation videos (default: the dataset's)")
     data.add_argument("--frames", type=int)
     data.add_argument("--height", type=int)
     data.add_argument("--width", type=int)
-    data.add_argument("--mini-length", type=int, default=c.mini_length, help="mini-world items per epoch")
+    data.add_argument("--mini-length", type=int, default=c.mini_length, help="items per epoch of a named dataset (mini)")
     runs = train.add_argument_group("checkpoints and validation")
     runs.add_argument("--checkpoint-every", type=int, default=c.checkpoint_every)
     runs.add_argument("--keep-checkpoints", type=int, default=c.keep_checkpoints)
@@ -86,7 +88,11 @@ def add_parser(subparsers) -> None:
 
 
 def run_prepare(args) -> int:
+    from standin.cli import device_error
     from standin.train.prepare import prepare_dataset
+
+    if args.encode_with and device_error(args.device):
+        return fail(device_error(args.device))
 
     settings = PrepareSettings(
         height=args.height, width=args.width, num_frames=args.frames, fps=args.fps, max_clips=args.max_clips,

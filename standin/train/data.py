@@ -1,4 +1,5 @@
-"""Training data: prepared dataset folders, the mini world, and the order in which a run reads them.
+"""Training data: prepared dataset folders, named datasets of installed packages (the `standin.datasets` entry
+points, e.g. "mini", the mini world of standin-mini), and the order in which a run reads them.
 
 A run reads one endless stream of samples. Position p of the stream is item order_e[p mod n] of epoch
 e = p div n, where order_e is a permutation seeded by (seed, e); the sample's noise and noise level come from
@@ -6,8 +7,8 @@ a generator seeded by (seed, p). Optimizer step s reads positions [s * G, (s + 1
 split over micro-steps and processes in a fixed layout. So what a step sees depends only on the seed and the
 step: not on the number of processes, not on whether the run was interrupted and resumed.
 
-Samples are either pixels (dict video [3, T, H, W] and reference [3, 1, S, S] in [-1, 1], prompt str; the mini
-world's format) or, for datasets pre-encoded with `standin prepare-data --encode-with`, the frozen encoders'
+Samples are either pixels (dict video [3, T, H, W] and reference [3, 1, S, S] in [-1, 1], prompt str; what named
+datasets give) or, for datasets pre-encoded with `standin prepare-data --encode-with`, the frozen encoders'
 outputs (latents, prompt_embeds, reference_latents), so that a step runs only the transformer.
 """
 
@@ -24,7 +25,7 @@ from standin.video import read_video
 
 MANIFEST = "manifest.json"
 MAX_SEQUENCE_LENGTH = 512  # what the pipeline pads prompts to at inference; training must see the same
-MINI = "mini"
+MINI = "mini"  # the mini world's dataset (and face backend) name, when standin-mini is installed
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -57,8 +58,9 @@ def square_reference(image: PIL.Image.Image, size: int) -> PIL.Image.Image:
 def read_manifest(folder: str | Path) -> dict:
     path = Path(folder) / MANIFEST
     if not path.is_file():
+        installed = ", ".join(dataset_names()) or "none installed"
         raise FileNotFoundError(f"{folder} is not a prepared dataset (no {MANIFEST}); make one with "
-                                "`standin prepare-data`, or use --data mini")
+                                f"`standin prepare-data`, or use a dataset name ({installed})")
     manifest = json.loads(path.read_text())
     if not manifest.get("clips"):
         raise ValueError(f"{path} lists no usable clips (see its 'skipped' entries for why)")
@@ -94,12 +96,36 @@ class PreparedDataset(torch.utils.data.Dataset):
                 "reference": frames_to_tensor(reference[None]), "prompt": clip["caption"]}
 
 
-def mini_dataset(split: str, length: int, num_frames: int, height: int, width: int, reference_size: int):
-    """The synthetic mini world (standin.mini), generated on the fly: train identities, or held-out ones ("test")."""
-    from standin.mini.data import MiniClipDataset
+def dataset_names() -> list[str]:
+    """The names of the datasets installed packages provide (`standin.datasets` entry points)."""
+    from standin.plugins import DATASETS, names
 
-    return MiniClipDataset(split, length=length, num_frames=num_frames, size=(height, width),
-                           reference_size=reference_size)
+    return names(DATASETS)
+
+
+def is_named_dataset(data: str) -> bool:
+    """Whether --data / --val-data names an installed dataset (the name wins over a folder of that name: the
+    repository itself has a folder mini/; give such a folder as ./mini)."""
+    return str(data) in dataset_names()
+
+
+def named_dataset(name: str, split: str, length: int, num_frames: int | None, height: int | None,
+                  width: int | None, reference_size: int):
+    """An installed package's dataset of pixel samples, generated for `split` ("train", or "test": held out) with
+    `length` items; sizes left None are the dataset's own. Its `settings` dict gives num_frames, height, width
+    and fps, as a prepared dataset's manifest does."""
+    from standin.plugins import DATASETS, load
+
+    factory = load(DATASETS, name)
+    if factory is None:
+        installed = ", ".join(dataset_names()) or "none"
+        raise ValueError(f"no dataset named {name!r} is installed (installed: {installed}; pip install -e mini/ "
+                         "for 'mini')")
+    dataset = factory(split, length, num_frames, height, width, reference_size)
+    missing = {"num_frames", "height", "width", "fps"} - set(getattr(dataset, "settings", {}))
+    if missing:
+        raise ValueError(f"dataset {name!r} gives no {', '.join(sorted(missing))} in its settings")
+    return dataset
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -27,17 +27,16 @@ from tqdm.auto import tqdm
 
 from standin.checkpoint import load_adapter, save_adapter
 from standin.io import save_text
-from standin.mini.model import MINI_FPS, MINI_SIZES
 from standin.models import StandInAdapter, StandInModel
 from standin.train import checkpoints, parallel
 from standin.train.config import TrainConfig
 from standin.train.data import (
-    MINI,
     PreparedDataset,
     PromptEncoder,
     SampleStream,
     StepBatches,
-    mini_dataset,
+    is_named_dataset,
+    named_dataset,
     position_seed,
     vae_latents,
 )
@@ -141,21 +140,19 @@ class Trainer:
     def _load_data(self) -> None:
         c = self.config
         reference_size = self.pipe.config.reference_size
-        self.fps = MINI_FPS
-        if c.data == MINI:
-            frames = c.frames or MINI_SIZES["num_frames"]
-            height, width = c.height or MINI_SIZES["height"], c.width or MINI_SIZES["width"]
-            dataset = mini_dataset("train", c.mini_length, frames, height, width, reference_size)
+        if is_named_dataset(c.data):  # an installed package's dataset (e.g. "mini"), rendered at the size asked
+            dataset = named_dataset(c.data, "train", c.mini_length, c.frames, c.height, c.width, reference_size)
             self.pre_encoded = False
         else:
             dataset = PreparedDataset(c.data, reference_size)
-            settings = dataset.settings
-            frames, height, width = (c.frames or settings["num_frames"], c.height or settings["height"],
-                                     c.width or settings["width"])
-            self.fps = settings["fps"]
             self.pre_encoded = dataset.encoded_with is not None
             if self.pre_encoded:
                 self._check_encoded(dataset.encoded_with)
+        # Clip size (of validation videos too) and fps: the dataset's, whatever its source, unless asked otherwise.
+        settings = dataset.settings
+        frames, height, width = (c.frames or settings["num_frames"], c.height or settings["height"],
+                                 c.width or settings["width"])
+        self.fps = settings["fps"]
         self.clip_size = (frames, height, width)
         self.dataset_size = len(dataset)
 

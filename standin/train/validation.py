@@ -15,8 +15,8 @@ import torch
 
 from standin.io import save_image, save_text
 from standin.pipeline import WAN_NEGATIVE_PROMPT
-from standin.train.data import MINI, PreparedDataset, mini_dataset, tensor_to_image
-from standin.video import contact_sheet, save_video
+from standin.train.data import MINI, PreparedDataset, is_named_dataset, named_dataset, tensor_to_image
+from standin.video import companion_paths, contact_sheet, save_video
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +31,11 @@ class ValidationCase:
 
 def validation_cases(data: str, count: int, reference_size: int,
                      clip_size: tuple[int, int, int]) -> list[ValidationCase]:
-    """The first `count` clips of a prepared dataset, or of the mini world's held-out identities ("mini")."""
-    if data == MINI:
+    """The first `count` clips of a prepared dataset, or of an installed dataset's held-out split (e.g. "mini": the
+    mini world's held-out identities)."""
+    if is_named_dataset(data):
         num_frames, height, width = clip_size
-        dataset = mini_dataset("test", count, num_frames, height, width, reference_size)
+        dataset = named_dataset(data, "test", count, num_frames, height, width, reference_size)
         items = [dataset[i] for i in range(count)]
         return [ValidationCase(tensor_to_image(item["reference"]), item["prompt"]) for item in items]
     dataset = PreparedDataset(data, reference_size, use_latents=False)
@@ -50,9 +51,9 @@ def encode_case_prompts(cases: list[ValidationCase], prompts) -> None:
 
 
 def face_backend(name: str | None, data: str):
-    """None (no FaceSim), or a standin.faces backend. "auto" is the mini world's recogniser for mini data and the
-    offline dlib default otherwise, or None with a warning when that one is not installed; a backend asked for by
-    name must load."""
+    """None (no FaceSim), or a standin.faces backend. "auto" is the mini world's recogniser for mini data (the
+    backend named "mini", a `standin.face_backends` entry point) and the offline dlib default otherwise, or None
+    with a warning when that one is not installed; a backend asked for by name must load."""
     if name in (None, "none"):
         return None
     try:
@@ -94,11 +95,12 @@ def run_validation(pipe, cases: list[ValidationCase], folder: Path | None, *, he
         if folder is None:
             continue
         folder.mkdir(parents=True, exist_ok=True)
-        stem = folder / f"case-{number:02d}"
-        save_video(frames, stem.with_suffix(".mp4"), fps=fps)
-        save_image(contact_sheet(frames), stem.with_name(stem.name + "-sheet.png"))
-        save_image(case.reference, stem.with_name(stem.name + "-reference.png"))
-        result = {"case": number, "prompt": case.prompt, "video": str(stem.with_suffix(".mp4"))}
+        video = folder / f"case-{number:02d}.mp4"
+        reference_path, sheet_path = companion_paths(video)  # as `standin generate` names them
+        save_video(frames, video, fps=fps)
+        save_image(contact_sheet(frames), sheet_path)
+        save_image(case.reference, reference_path)
+        result = {"case": number, "prompt": case.prompt, "video": str(video)}
         if backend is not None:
             result.update(face_similarity((np.clip(frames, 0, 1) * 255).round().astype(np.uint8), case.reference,
                                           backend))

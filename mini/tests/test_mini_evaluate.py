@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from standin.checkpoint import save_adapter
-from standin.mini.evaluate import main
+from standin_mini.evaluate import main
 from standin.tiny import tiny_pipeline
 
 
@@ -35,7 +35,7 @@ def test_table_json_and_comparison_sheet(tmp_path):
 
 
 def test_gain_over_the_base_is_paired_and_skips_clips_without_a_face():
-    from standin.mini.evaluate import summarize
+    from standin_mini.evaluate import summarize
 
     def rows(face_sims):
         return [{"face_sim": f, "face_rate": 1.0, "motion": 0.5, "copy_paste": 0.0, "action_ok": True,

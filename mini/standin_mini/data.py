@@ -13,8 +13,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from standin.mini import world
-from standin.mini.prompts import Prompt, parse_prompt, sample_prompt
+from standin_mini import world
+from standin_mini.prompts import Prompt, parse_prompt, sample_prompt
+from standin_mini.settings import MINI_FPS, MINI_SIZES
 
 HELDOUT_IDENTITIES = 10_000
 MAX_ZOOM = 2.0  # the largest camera zoom of a clip; backgrounds are drawn this much sharper for it
@@ -232,3 +233,23 @@ class MiniClipDataset(torch.utils.data.Dataset):
         reference = make_reference(identity_id, self.reference_size, seed=int(rng.integers(0, 2**31)))
         return {"video": to_tensor(clip.frames), "reference": to_tensor(reference[None]), "prompt": str(prompt),
                 "identity": identity_id}
+
+    @property
+    def settings(self) -> dict:
+        """The clip format, as a prepared dataset's manifest records it: what `standin train` trains and
+        validates at and the fps its videos play at."""
+        height, width = self.size
+        return {"num_frames": self.num_frames, "height": height, "width": width, "fps": MINI_FPS,
+                "reference_size": self.reference_size}
+
+
+def mini_dataset(split: str, length: int, num_frames: int | None = None, height: int | None = None,
+                 width: int | None = None, reference_size: int = 64) -> MiniClipDataset:
+    """The `standin.datasets` entry point `mini` (`standin train --data mini`, `--val-data mini`): the world's
+    train identities, or the held-out ones ("test"), generated on the fly. Sizes left None are the world's own
+    (MINI_SIZES)."""
+    num_frames = MINI_SIZES["num_frames"] if num_frames is None else num_frames
+    height = MINI_SIZES["height"] if height is None else height
+    width = MINI_SIZES["width"] if width is None else width
+    return MiniClipDataset(split, length=length, num_frames=num_frames, size=(height, width),
+                           reference_size=reference_size)

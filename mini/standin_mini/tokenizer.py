@@ -7,7 +7,7 @@ outside the grammar). Text is NFKC-normalised and lowercased; words split on whi
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from standin.mini.prompts import ACTIONS, PLACE_PHRASES, TIME_PHRASES, WHO
+from standin_mini.prompts import ACTIONS, PLACE_PHRASES, TIME_PHRASES, WHO
 
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]
 

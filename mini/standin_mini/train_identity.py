@@ -1,7 +1,7 @@
 """Train (and evaluate) the mini world's face recogniser from scratch, on a CPU.
 
-    python -m standin.mini.train_identity --out standin/mini/weights/identity.safetensors
-    python -m standin.mini.train_identity --evaluate-only --out standin/mini/weights/identity.safetensors
+    python -m standin_mini.train_identity --out mini/standin_mini/weights/identity.safetensors
+    python -m standin_mini.train_identity --evaluate-only --out mini/standin_mini/weights/identity.safetensors
 
 Every batch is rendered on the fly from (seed, step) alone, so the run is a pure function of its config: a
 checkpoint holds the step, the networks and the optimizer, and a killed run started again with the same
@@ -15,7 +15,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from standin.faces.base import Face
-from standin.mini import world
-from standin.mini.data import (
+from standin_mini import world
+from standin_mini.data import (
     HELDOUT_IDENTITIES,
     Degradation,
     crop_reference,
@@ -35,7 +35,7 @@ from standin.mini.data import (
     random_degradation,
     split_identity,
 )
-from standin.mini.identity import (
+from standin_mini.identity import (
     DEFAULT_RULES,
     DEFAULT_WEIGHTS,
     DETECT_SIZE,
@@ -51,22 +51,11 @@ from standin.mini.identity import (
     letterbox,
     to_input,
 )
-from standin.mini.prompts import ACTIONS, Prompt, sample_prompt
+from standin_mini.prompts import ACTIONS, Prompt, sample_prompt
+from standin_mini.settings import IdentityTrainConfig
 
 
-@dataclass
-class TrainConfig:
-    steps: int = 1600
-    detector_batch: int = 32  # frames
-    embedder_identities: int = 48  # identities per batch, two views each
-    lr: float = 2e-3
-    weight_decay: float = 5e-4
-    temperature: float = 0.1  # of the contrastive loss
-    warmup: int = 100
-    checkpoint_every: int = 100
-    log_every: int = 25
-    workers: int = 1  # processes rendering batches ahead of the training step
-    seed: int = 0
+TrainConfig = IdentityTrainConfig  # its settings live in settings.py: the command line reads their defaults
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -471,15 +460,6 @@ def evaluate(backend: MiniFaceBackend, seed: int = 1, identities: int = 200, cli
     return metrics
 
 
-def add_arguments(parser: argparse.ArgumentParser):
-    parser.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS, help="weights file; its .json gets the metrics")
-    parser.add_argument("--work", type=Path, default=Path("outputs/mini_identity"),
-                        help="checkpoint and log directory; an existing checkpoint there is resumed")
-    parser.add_argument("--steps", type=int, default=TrainConfig.steps)
-    parser.add_argument("--seed", type=int, default=TrainConfig.seed)
-    parser.add_argument("--evaluate-only", action="store_true", help="measure the weights at --out, don't train")
-
-
 def run(args: argparse.Namespace):
     torch.set_num_threads(1)  # the machine is shared; a data worker renders on the other core
     config = TrainConfig(steps=args.steps, seed=args.seed)
@@ -499,6 +479,8 @@ def run(args: argparse.Namespace):
 
 
 if __name__ == "__main__":
+    from standin_mini.cli import train_identity_arguments
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
+    train_identity_arguments(parser)
     run(parser.parse_args())

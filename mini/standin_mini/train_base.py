@@ -1,10 +1,10 @@
 """Train the mini base model from scratch on a CPU: the real Wan classes at tiny sizes, on the mini world.
 
-    python -m standin.mini.train_base vae --work /tmp/mini_work        # stage 1: frame-wise video VAE
-    python -m standin.mini.train_base t2v --work /tmp/mini_work        # stage 2: latent cache, text encoder + DiT
+    python -m standin_mini.train_base vae --work /tmp/mini_work        # stage 1: frame-wise video VAE
+    python -m standin_mini.train_base t2v --work /tmp/mini_work        # stage 2: latent cache, text encoder + DiT
         [--device cuda --workers 16 --set steps=20000 --set batch=64 --set clips=20000]   # a longer run on a GPU
-    python -m standin.mini.train_base evaluate --work /tmp/mini_work   # sample clips, contact sheet, prompt checks
-    python -m standin.mini.train_base export --work /tmp/mini_work --out standin/mini/weights/base
+    python -m standin_mini.train_base evaluate --work /tmp/mini_work   # sample clips, contact sheet, prompt checks
+    python -m standin_mini.train_base export --work /tmp/mini_work --out mini/standin_mini/weights/base
 
 Stage 1 trains an AutoencoderKLWan without temporal down-sampling whose causal 3-D kernels have zero taps on
 past frames. Trained on single frames, those taps only ever meet the causal zero padding: their gradient is
@@ -44,12 +44,12 @@ from tqdm import tqdm
 from transformers import UMT5Config, UMT5EncoderModel
 
 from standin.io import atomic_write, save_image, save_text
-from standin.mini import world
-from standin.mini.data import (HELDOUT_IDENTITIES, MiniClipDataset, make_clip, make_reference, split_identity,
+from standin_mini import world
+from standin_mini.data import (HELDOUT_IDENTITIES, MiniClipDataset, make_clip, make_reference, split_identity,
                                to_tensor)
-from standin.mini.model import MINI_SHIFT, MINI_SIZES
-from standin.mini.prompts import sample_prompt
-from standin.mini.tokenizer import mini_tokenizer
+from standin_mini.model import MINI_SHIFT, MINI_SIZES
+from standin_mini.prompts import sample_prompt
+from standin_mini.tokenizer import mini_tokenizer
 from standin.pipeline import WAN_NEGATIVE_PROMPT, StandInPipeline, standin_scheduler
 
 logger = logging.getLogger(__name__)
@@ -530,7 +530,7 @@ def evaluate_pipeline(work: Path, count: int = 24, steps: int = 20, guidance: fl
     clip of the same prompt) and, when the mini face model is trained, how often each follows its prompt."""
     from PIL import Image, ImageDraw
 
-    from standin.mini.identity import DEFAULT_WEIGHTS, check_prompt
+    from standin_mini.identity import DEFAULT_WEIGHTS, check_prompt
 
     pipe = assemble_pipeline(work)
     rows, results, started = [], [], time.perf_counter()
@@ -581,7 +581,7 @@ def export(work: Path, out: Path) -> Path:
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     lines = ["# Mini base model: training record", "",
              ("Wan's own classes at tiny sizes, trained from scratch on a CPU on the mini world by "
-              "`standin/mini/train_base.py` (stages `vae`, `t2v`, `evaluate`, `export`; its docstring has the "
+              "`mini/standin_mini/train_base.py` (stages `vae`, `t2v`, `evaluate`, `export`; its docstring has the "
               "commands). This file is written by the `export` stage."), "",
              "Parameters: " + ", ".join(f"{name} {sum(p.numel() for p in getattr(pipe, name).parameters()):,}"
                                         for name in ("vae", "text_encoder", "transformer"))

@@ -8,11 +8,11 @@ import torch
 from safetensors.torch import load_file
 
 from standin.faces.base import Face
-from standin.mini import world
-from standin.mini.data import Degradation, degrade, make_clip, make_reference, split_identity
-from standin.mini.identity import DEFAULT_RULES, DEFAULT_WEIGHTS, EMBED_DIM, MiniFaceBackend, check_prompt, to_input
-from standin.mini.prompts import ACTIONS, Prompt, sample_prompt
-from standin.mini.train_identity import TrainConfig, embedder_view, train, write_rules
+from standin_mini import world
+from standin_mini.data import Degradation, degrade, make_clip, make_reference, split_identity
+from standin_mini.identity import DEFAULT_RULES, DEFAULT_WEIGHTS, EMBED_DIM, MiniFaceBackend, check_prompt, to_input
+from standin_mini.prompts import ACTIONS, Prompt, sample_prompt
+from standin_mini.train_identity import TrainConfig, embedder_view, train, write_rules
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

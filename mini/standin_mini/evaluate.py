@@ -6,10 +6,10 @@ variant generates from the same noise: (a) the base model without reference, (b)
 world's own render of the same identity and prompt is measured too, as the ceiling the metrics can reach, and
 that render encoded and decoded by the model's VAE, the ceiling of any generator that works through it.
 FaceSim uses the world's identity model through the same code path as real videos (standin.eval), motion is
-the mean optical flow, and the prompt checks are the world's rules (standin.mini.identity.check_prompt).
+the mean optical flow, and the prompt checks are the world's rules (standin_mini.identity.check_prompt).
 
-    python -m standin.mini.evaluate --base standin/mini/weights/base \
-        --adapter standin=standin/mini/weights/standin_adapter.safetensors \
+    python -m standin_mini.evaluate --base mini/standin_mini/weights/base \
+        --adapter standin=mini/standin_mini/weights/standin_adapter.safetensors \
         --adapter vanilla=RUN/adapter.safetensors --adapter shared=RUN2/adapter.safetensors \
         --count 24 --out docs/mini_results
 """
@@ -29,10 +29,10 @@ from standin.checkpoint import load_adapter
 from standin.eval import evaluate_video
 from standin.io import save_image, save_text
 from standin.loading import load_pipeline
-from standin.mini.data import make_clip, make_reference, split_identity
-from standin.mini.identity import MiniFaceBackend, check_prompt
-from standin.mini.prompts import sample_prompt
-from standin.mini.world import identity as world_identity
+from standin_mini.data import make_clip, make_reference, split_identity
+from standin_mini.identity import MiniFaceBackend, check_prompt
+from standin_mini.prompts import sample_prompt
+from standin_mini.world import identity as world_identity
 from standin.video import to_uint8
 
 VARIANT_NAMES = {
@@ -72,7 +72,7 @@ def reference_use(pipe, adapters: dict, count: int = 48, seed: int = 0, size=(17
     with the clip's own reference ("right"), another held-out identity's ("wrong", the batch rolled by one) and
     none (the base). Independent of how well the model draws: a model that uses the identity has right < base <
     wrong."""
-    from standin.mini.data import MiniClipDataset
+    from standin_mini.data import MiniClipDataset
     from standin.models import StandInModel
     from standin.train.data import PromptEncoder, vae_latents
 

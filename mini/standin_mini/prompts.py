@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from standin.mini.world import PLACES, TIMES, Identity
+from standin_mini.world import PLACES, TIMES, Identity
 
 WHO = {"person": "a person", "man": "a man", "woman": "a woman", "child": "a child"}
 ACTIONS = {"walk_left": "walks left", "walk_right": "walks right", "jump": "jumps", "nod": "nods",

@@ -1,7 +1,7 @@
 """Contact sheets of the mini world: a grid of identities, or the frames of clips with their prompts.
 
-    python -m standin.mini.sheet identities.png          # 8 x 4 identities in their scenes
-    python -m standin.mini.sheet clips.png --clips 6     # one row per clip, every other frame
+    python -m standin_mini.sheet identities.png          # 8 x 4 identities in their scenes
+    python -m standin_mini.sheet clips.png --clips 6     # one row per clip, every other frame
 """
 
 import argparse
@@ -9,9 +9,9 @@ import argparse
 import numpy as np
 from PIL import Image, ImageDraw
 
-from standin.mini import world
-from standin.mini.data import HELDOUT_IDENTITIES, make_clip, make_reference, split_identity
-from standin.mini.prompts import sample_prompt
+from standin_mini import world
+from standin_mini.data import HELDOUT_IDENTITIES, make_clip, make_reference, split_identity
+from standin_mini.prompts import sample_prompt
 
 
 def identity_sheet(identity_ids, columns: int = 8, tile: int = 96, seed: int = 0) -> Image.Image:
@@ -45,14 +45,6 @@ def clip_sheet(clips, references=None, every: int = 2, label_height: int = 12) -
     return Image.fromarray(np.concatenate(rows, 0))
 
 
-def add_arguments(parser: argparse.ArgumentParser):
-    parser.add_argument("out", help="PNG path")
-    parser.add_argument("--clips", type=int, default=0, help="draw this many clips instead of identities")
-    parser.add_argument("--count", type=int, default=32, help="identities on an identity sheet")
-    parser.add_argument("--size", type=int, default=96, help="tile / frame size in pixels")
-    parser.add_argument("--seed", type=int, default=0)
-
-
 def run(args: argparse.Namespace):
     if args.clips:
         rng = np.random.default_rng(args.seed)
@@ -67,6 +59,8 @@ def run(args: argparse.Namespace):
 
 
 if __name__ == "__main__":
+    from standin_mini.cli import sheet_arguments
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
+    sheet_arguments(parser)
     run(parser.parse_args())

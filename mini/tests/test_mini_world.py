@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from standin.mini import world
-from standin.mini.data import (
+from standin_mini import world
+from standin_mini.data import (
     HELDOUT_IDENTITIES,
     MiniClipDataset,
     crop_reference,
@@ -18,7 +18,7 @@ from standin.mini.data import (
     make_reference,
     split_identity,
 )
-from standin.mini.prompts import ACTIONS, Prompt, PromptError, parse_prompt, prompt_split, sample_prompt
+from standin_mini.prompts import ACTIONS, Prompt, PromptError, parse_prompt, prompt_split, sample_prompt
 
 
 def _frontal(ident, size=64):

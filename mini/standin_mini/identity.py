@@ -10,7 +10,7 @@
 - check_prompt: do a clip's frames follow a prompt (action from the face track and head pose, place and time
   from the scene, who from the attributes)?
 
-Train them with `python -m standin.mini.train_identity`.
+Train them with `python -m standin_mini.train_identity`.
 """
 
 import functools
@@ -26,11 +26,12 @@ from safetensors.torch import load_file
 from torch import nn
 
 from standin.faces.base import Face
-from standin.mini.data import crop_reference
-from standin.mini.prompts import Prompt, parse_prompt
-from standin.mini.world import ADULT_DETAILS, ATTRIBUTES, PLACES, TIMES, who_of
+from standin_mini.data import crop_reference
+from standin_mini.prompts import Prompt, parse_prompt
+from standin_mini.settings import IDENTITY_WEIGHTS
+from standin_mini.world import ADULT_DETAILS, ATTRIBUTES, PLACES, TIMES, who_of
 
-DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "identity.safetensors"
+DEFAULT_WEIGHTS = IDENTITY_WEIGHTS
 DETECT_SIZE = 64  # frames are letterboxed to this square
 STRIDE = 4  # detector output cell, pixels of the 64x64 input
 EMBED_SIZE = 48  # face crop side
@@ -128,7 +129,7 @@ class MiniFaceBackend:
     def __init__(self, weights: str | Path | None = None, score_threshold: float = 0.3):
         path = Path(weights) if weights is not None else DEFAULT_WEIGHTS
         if not path.exists():
-            raise FileNotFoundError(f"{path} not found; train it with `python -m standin.mini.train_identity`")
+            raise FileNotFoundError(f"{path} not found; train it with `python -m standin_mini.train_identity`")
         state = load_file(str(path))
         with safe_open(str(path), "pt") as f:
             self.rules = DEFAULT_RULES | json.loads((f.metadata() or {}).get("rules", "{}"))

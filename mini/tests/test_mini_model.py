@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
-from standin.mini import model, train_base
-from standin.mini.model import MINI_SIZES, MINI_WEIGHTS, load_mini_pipeline
-from standin.mini.tokenizer import mini_tokenizer, vocabulary
+from standin_mini import model, train_base
+from standin_mini.model import MINI_SIZES, MINI_WEIGHTS, load_mini_pipeline
+from standin_mini.tokenizer import mini_tokenizer, vocabulary
 from standin.pipeline import WAN_NEGATIVE_PROMPT
 
 TINY_VAE = train_base.VaeConfig(base_dim=4, dim_mult=(1, 2, 2, 2), steps=4, batch=3, crop=16, eval_clips=1,
@@ -20,7 +21,7 @@ TINY_T2V = train_base.T2VConfig(clips=4, text_dim=8, heads=2, head_dim=12, layer
                                 steps=4, batch=2, warmup=2, checkpoint_every=2)
 
 
-EXAMPLES = Path(__file__).parent.parent / "examples"
+EXAMPLES = Path(__file__).parents[2] / "examples"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -122,8 +123,9 @@ def test_shipped_pipeline_samples_with_the_shift_it_was_trained_for(pipe):
 def test_prepared_mini_clips_are_the_on_the_fly_ones_encoded(pipe, tmp_path):
     """`standin mini prepare` stores exactly what `standin train --data mini` computes from item i, and an
     interrupted run completes to the same folder."""
-    from standin.mini.prepare import prepare_mini
-    from standin.train.data import PreparedDataset, PromptEncoder, mini_dataset, vae_latents
+    from standin_mini.prepare import prepare_mini
+    from standin.train.data import PreparedDataset, PromptEncoder, vae_latents
+    from standin_mini.data import mini_dataset
 
     manifest = prepare_mini(tmp_path, clips=3, workers=0, progress=False)
     items = mini_dataset("train", 3, MINI_SIZES["num_frames"], MINI_SIZES["height"], MINI_SIZES["width"],
@@ -170,7 +172,7 @@ def test_shipped_adapter_uses_the_identity(standin_pipe):
     """On held-out clips, the denoising loss is lower with the clip's own reference than without one, and higher
     with another identity's: the adapter reads the identity (measured at the noise level where identity is drawn;
     the margins seen on 48 clips are several times what 16 clips need, see docs/mini_results.md)."""
-    from standin.mini.evaluate import reference_use
+    from standin_mini.evaluate import reference_use
 
     loss = reference_use(standin_pipe, {"standin": standin_pipe.adapters["transformer"]}, count=16)["standin"]
     assert loss["right@0.95"] < loss["base@0.95"] < loss["wrong@0.95"]
@@ -184,11 +186,34 @@ def test_generate_with_a_shipped_reference_then_measure_it(tmp_path, capsys):
     video = tmp_path / "demo.mp4"
     assert main(["generate", "--reference", str(EXAMPLES / "woman_34.png"), "--prompt",
                  "A woman waves on a beach at noon.", "-o", str(video), "--steps", "4"]) == 0
-    assert read_video(video).shape == (17, 64, 64, 3) and video.with_suffix(".png").is_file()
+    assert read_video(video).shape == (17, 64, 64, 3)
+    assert {p.name for p in tmp_path.iterdir()} == {"demo.mp4", "demo.reference.png", "demo.sheet.png"}
     capsys.readouterr()
-    assert main(["eval", str(video), "--reference", str(EXAMPLES / "woman_34.png"), "--backend", "mini"]) == 0
+    assert main(["eval", str(video), "--reference", str(tmp_path / "demo.reference.png"), "--backend", "mini"]) == 0
     scores = json.loads(capsys.readouterr().out)
     assert 0.0 <= scores["face_rate"] <= 1.0 and "face_sim" in scores and scores["motion"] >= 0
+
+
+def test_generate_follows_the_mini_base_folder_config(tmp_path, capsys):
+    """`--base <the mini folder>` is the mini model for any caller: its 64x64, 17 frames at 8 fps and uncropped
+    references come from its model_index.json, not from a special case for the default model."""
+    import imageio
+
+    from standin.cli import main
+    from standin.video import read_video
+
+    video = tmp_path / "base.mp4"
+    reference = EXAMPLES / "man_2.png"
+    assert main(["generate", "--base", str(MINI_WEIGHTS), "--adapter", str(model.MINI_ADAPTER), "--reference",
+                 str(reference), "--prompt", "A man nods in a room at noon.", "-o", str(video), "--steps", "2"]) == 0
+    assert read_video(video).shape == (17, 64, 64, 3)
+    with imageio.get_reader(video) as reader:
+        assert reader.get_meta_data()["fps"] == 8
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["frames"] == 17
+    # not face-cropped: the model saw the 64x64 mini-world reference as it is
+    seen = np.asarray(Image.open(report["reference"]).convert("RGB"))
+    assert np.array_equal(seen, np.asarray(Image.open(reference).convert("RGB")))
 
 
 def test_missing_adapter_is_a_clear_error(tmp_path, monkeypatch):

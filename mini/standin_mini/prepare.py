@@ -2,7 +2,7 @@
 transformer.
 
     standin mini prepare --out runs/mini_data --clips 3000
-    standin train --base standin/mini/weights/base --data runs/mini_data --val-data mini -o runs/mini ...
+    standin train --base mini/standin_mini/weights/base --data runs/mini_data --val-data mini -o runs/mini ...
 
 Item i of the folder is item i of the train split `standin train --data mini` renders on the fly (the same
 clip, reference and prompt), encoded once by the base's own VAE and text encoder, in the layout
@@ -16,22 +16,24 @@ from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-from tqdm.auto import tqdm
-
-from standin.io import atomic_write, save_image, save_text
-from standin.mini.model import MINI_FPS, MINI_SIZES, MINI_WEIGHTS
-from standin.train.config import PrepareSettings
-from standin.train.data import MANIFEST, mini_dataset, tensor_to_image
-from standin.train.prepare import ClipEncoder
+from standin_mini.settings import MINI_FPS, MINI_SIZES, MINI_WEIGHTS
 
 
 def prepare_mini(out: str | Path, clips: int, base: str | Path = MINI_WEIGHTS, workers: int = 1,
                  progress: bool = True) -> dict:
     """Write the first `clips` train-split items of the mini world, pre-encoded by `base`, to `out`; return the
     manifest. `workers` processes render clips while the main one encodes."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from standin.io import atomic_write, save_image, save_text
+    from standin.train.config import PrepareSettings
+    from standin.train.data import MANIFEST, tensor_to_image
+    from standin.train.prepare import ClipEncoder
+    from standin_mini.data import mini_dataset
+
     if clips < 1:
         raise ValueError(f"clips must be at least 1, got {clips}")
     out = Path(out)
@@ -72,17 +74,10 @@ def prepare_mini(out: str | Path, clips: int, base: str | Path = MINI_WEIGHTS, w
                                reference_size=encoder.pipe.config.reference_size, face_backend="mini",
                                background="keep")
     manifest = {"format": "standin-dataset", "version": 1, "settings": asdict(settings), "face_backend": "mini",
-                "encoded_with": encoded_with, "source": "the mini world's train split (standin.mini.data)",
+                "encoded_with": encoded_with, "source": "the mini world's train split (standin_mini.data)",
                 "videos": clips, "clips": entries, "skipped": []}
     save_text(json.dumps(manifest, indent=2), out / MANIFEST)
     return manifest
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--out", required=True, help="the dataset folder to write (or to complete)")
-    parser.add_argument("--clips", type=int, default=3000, help="train-split items 0..N-1")
-    parser.add_argument("--base", default=str(MINI_WEIGHTS), help="the base whose VAE and text encoder encode them")
-    parser.add_argument("--workers", type=int, default=1, help="processes rendering clips")
 
 
 def run(args) -> None:
