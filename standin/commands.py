@@ -27,8 +27,16 @@ def add_parser(subparsers) -> None:
     generate.add_argument("--adapter", help="the Stand-In adapter (.ckpt / .safetensors) of --base, needed with "
                           "--reference; for Wan2.2 the *_high file (the default model brings its own)")
     generate.add_argument("--adapter-low", help="Wan2.2 only: the *_low adapter file for the low-noise expert")
-    generate.add_argument("--reference", help="reference photo (omit to generate without identity control); for the "
-                          "mini model a mini-world reference, e.g. examples/woman_34.png or `standin mini reference`")
+    generate.add_argument("--reference", action="append",
+                          help="reference photo (omit to generate without identity control); for the mini model a "
+                          "mini-world reference, e.g. examples/woman_34.png or `standin mini reference`. Give it "
+                          "twice or more for several people in one video (zero-shot; the prompt decides who is where)")
+    generate.add_argument("--reference-guidance", type=float, default=1.0,
+                          help="identity guidance g_ref: above 1 a third branch without the reference (one more "
+                          "forward per step) pushes the video towards the identity; 1 is the published sampler "
+                          "(default: %(default)s)")
+    generate.add_argument("--reference-guidance-steps", type=int,
+                          help="apply --reference-guidance in the first N steps only (default: all)")
     generate.add_argument("--prompt", required=True, help="what the person does, and where")
     generate.add_argument("--negative-prompt", help="what to avoid (default: Wan's standard negative prompt)")
     generate.add_argument("-o", "--output", required=True,
@@ -47,6 +55,9 @@ def add_parser(subparsers) -> None:
                           "first (Wan does; the mini model's references are drawn cropped already)")
     generate.add_argument("--no-cache", action="store_true", help="recompute the reference stream every forward")
     generate.add_argument("--sequential-guidance", action="store_true", help="run guidance branches one by one")
+    generate.add_argument("--parallel", choices=("ulysses", "ring"),
+                          help="context parallelism: one video over all processes of `torchrun --nproc_per_node N "
+                          "-m standin.cli generate ...` (diffusers' Ulysses or ring attention; rank 0 writes)")
     generate.set_defaults(func=run_generate)
 
     converter = subparsers.add_parser("convert", help="convert a Stand-In adapter (.ckpt or safetensors) to ours")
@@ -99,55 +110,104 @@ def run_generate(args) -> int:
     for name in ("steps", "fps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             return fail(f"--{name} must be at least 1, got {getattr(args, name)}")
+    for name in ("guidance", "reference_guidance"):
+        value = getattr(args, name)
+        if not (value >= 0 and value != float("inf")):  # also refuses nan
+            return fail(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    if args.reference_guidance_steps is not None and args.reference_guidance_steps < 0:
+        return fail(f"--reference-guidance-steps must be >= 0, got {args.reference_guidance_steps}")
+    if not 0 <= args.seed < 2**63:
+        return fail(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
     if device_error(args.device):
         return fail(device_error(args.device))
 
     from standin.checkpoint import AdapterFileError
     from standin.video import companion_paths
 
+    references = args.reference or []
     reference_path, sheet_path = companion_paths(output)
+    # Several references: NAME.reference-1.png, NAME.reference-2.png, ... (standin eval pairs one reference only).
+    reference_paths = [reference_path] if len(references) <= 1 else [
+        reference_path.with_name(reference_path.name.replace(".reference.png", f".reference-{k}.png"))
+        for k in range(1, len(references) + 1)]
     try:
-        if args.reference is not None and not Path(args.reference).is_file():
-            raise FileNotFoundError(f"reference image not found: {args.reference}")
+        for reference in references:
+            if not Path(reference).is_file():
+                raise FileNotFoundError(f"reference image not found: {reference}")
         base, adapter, adapter_low = args.base, args.adapter, args.adapter_low
         if base is None:
             model = default_model()
             base = model["base"]
             # The base alone suffices without a reference; the adapter is required (and checked) with one.
-            adapter = model["adapter"] if args.reference is not None else None
-        check_outputs([output, reference_path, sheet_path],
-                      [("reference", args.reference), ("adapter", adapter), ("adapter", adapter_low)])
+            adapter = model["adapter"] if references else None
+        check_outputs([output, *reference_paths, sheet_path],
+                      [*(("reference", r) for r in references), ("adapter", adapter), ("adapter", adapter_low)])
         import torch
 
         from standin.loading import load_pipeline
 
         # Float32 on the CPU; on a GPU, the default model is small enough to stay in float32 too.
         dtype = torch.float32 if args.base is None else None
-        pipe = load_pipeline(base, adapter, adapter_low, device=args.device, dtype=dtype)
+        device = args.device
+        if args.parallel:
+            device = start_context_parallel(device)
+        pipe = load_pipeline(base, adapter, adapter_low, device=device, dtype=dtype)
+        if args.parallel:
+            from diffusers import ContextParallelConfig
+
+            ranks = torch.distributed.get_world_size()
+            config = ContextParallelConfig(**{f"{args.parallel}_degree": ranks})
+            for transformer in (pipe.transformer, getattr(pipe, "transformer_2", None)):
+                if transformer is not None:
+                    transformer.enable_parallelism(config=config)
         extra = {} if args.negative_prompt is None else {"negative_prompt": args.negative_prompt}
         started = time.perf_counter()
         # Sizes, fps and reference preprocessing: what the base records in its config, unless asked otherwise.
         result = pipe(
-            prompt=args.prompt, reference_image=args.reference, num_inference_steps=args.steps,
+            prompt=args.prompt, reference_image=references[0] if len(references) == 1 else references or None,
+            reference_guidance=args.reference_guidance, reference_guidance_steps=args.reference_guidance_steps,
+            num_inference_steps=args.steps,
             guidance_scale=args.guidance, generator=torch.Generator().manual_seed(args.seed),
             height=args.height, width=args.width, num_frames=args.frames,
             preprocess_reference=False if args.no_preprocess else None, cache_reference=not args.no_cache,
             batch_guidance=not args.sequential_guidance, **extra,
         )
+        from standin.io import save_image
+        from standin.video import contact_sheet, save_video
+
+        frames = result.frames[0]
+        if args.parallel and torch.distributed.get_rank() != 0:
+            return 0  # every rank computed the same video; rank 0 writes it
+        save_video(frames, output, fps=args.fps or pipe.config.default_fps)
+        seen = result.reference if isinstance(result.reference, list) else [result.reference] * bool(references)
+        for image, path in zip(seen, reference_paths):
+            save_image(image, path)
+        save_image(contact_sheet(frames), sheet_path)
     except (OSError, ValueError, NoDefaultModelError, AdapterFileError) as error:
         return fail(str(error))
-    from standin.io import save_image
-    from standin.video import contact_sheet, save_video
-
-    frames = result.frames[0]
-    save_video(frames, output, fps=args.fps or pipe.config.default_fps)
-    if result.reference is not None:
-        save_image(result.reference, reference_path)
-    save_image(contact_sheet(frames), sheet_path)
-    print(json.dumps({"video": str(output), "reference": None if result.reference is None else str(reference_path),
+    written = [str(p) for p in reference_paths[:len(references)]]
+    print(json.dumps({"video": str(output), "reference": written[0] if written else None, "references": written,
                       "contact_sheet": str(sheet_path), "frames": len(frames),
                       "seconds": round(time.perf_counter() - started, 2)}))
     return 0
+
+
+def start_context_parallel(device: str | None) -> str:
+    """Join the process group torchrun set up (NCCL on GPUs, gloo on CPUs); this rank's device."""
+    import torch
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ:
+        raise ValueError("--parallel runs under torchrun (torchrun --nproc_per_node N -m standin.cli generate ...)")
+    cuda = torch.cuda.is_available() and device in (None, "cuda")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        return f"cuda:{torch.cuda.current_device()}"
+    # diffusers picks a rank's device as rank % accelerator count, which divides by zero on CPU-only machines.
+    torch.accelerator.device_count = lambda: 1
+    return "cpu"
 
 
 def run_convert(args) -> int:

@@ -191,3 +191,21 @@ def test_bad_settings_are_one_line_errors_before_any_work(model_folder, tmp_path
     err = capsys.readouterr().err
     assert code == 1 and err == f"error: {err[7:]}" and err.count("\n") == 1 and message in err
     assert not list(tmp_path.iterdir())
+
+
+def test_two_references_and_reference_guidance_from_the_cli(model_folder, tmp_path, capsys):
+    assert generate(model_folder, tmp_path / "two.mp4", "--reference", str(model_folder / "face.png"),
+                    "--reference-guidance", "2", "--reference-guidance-steps", "1") == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["references"] == [str(tmp_path / "two.reference-1.png"), str(tmp_path / "two.reference-2.png")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "two.mp4", "two.reference-1.png", "two.reference-2.png", "two.sheet.png"]
+
+
+@pytest.mark.parametrize("flag, value", [("--guidance", "inf"), ("--guidance", "nan"), ("--guidance", "-5"),
+                                         ("--reference-guidance", "nan"), ("--seed", "-1"), ("--steps", "0")])
+def test_impossible_numbers_are_refused_before_any_work(model_folder, tmp_path, capsys, flag, value):
+    assert generate(model_folder, tmp_path / "out.mp4", flag, value) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and flag in err
+    assert not any(tmp_path.iterdir())

@@ -220,16 +220,11 @@ def test_diffusers_caching_hooks_work_with_and_without_a_reference(reference):
     assert not torch.equal(predicted, expected) and relative_error(predicted, expected) < 0.5
 
 
-def test_expand_timesteps_and_context_parallelism_are_refused():
+def test_expand_timesteps_is_refused():
     pipe = tiny_pipeline()
     pipe.register_to_config(expand_timesteps=True)
     with pytest.raises(NotImplementedError, match="expand_timesteps"):
         run(pipe)
-    pipe = tiny_pipeline()
-    for block in pipe.transformer.blocks:  # what enable_parallelism sets on every processor
-        block.attn1.processor._parallel_config = object()
-    with pytest.raises(NotImplementedError, match="context parallelism"):
-        run(pipe, reference_image())
 
 
 def test_several_references_in_one_generation(pipe):

@@ -37,7 +37,6 @@ from standin_mini.data import (
 )
 from standin_mini.identity import (
     DEFAULT_RULES,
-    DEFAULT_WEIGHTS,
     DETECT_SIZE,
     EMBED_SIZE,
     STRIDE,

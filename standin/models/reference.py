@@ -65,8 +65,9 @@ def reference_rope(rope: nn.Module, reference_grid: tuple[int, int], video_grid:
     references, the one in `slot` s sits one reference grid further diagonally per slot: (-1, h + s h_r + j,
     w + s w_r + k), so that no two references share positions (the published multi-identity scheme).
 
-    Cut from the base model's own tables, obtained through its RoPE module's forward (on a shape-only input) so
-    that offloading hooks bring the tables; position -1 is the rotation by -theta, i.e. (cos, -sin) of time 1.
+    Cut from the base model's own tables, through its RoPE module's forward on a shape-only input (called inside the
+    transformer's forward, where offloading has brought its buffers); position -1 is the rotation by -theta, i.e.
+    (cos, -sin) of time 1.
     """
     _, video_h, video_w = video_grid
     ref_h, ref_w = reference_grid
@@ -81,7 +82,8 @@ def reference_rope(rope: nn.Module, reference_grid: tuple[int, int], video_grid:
     p_t, p_h, p_w = rope.patch_size
     shape_only = torch.zeros(()).expand(1, 1, grid[0] * p_t, grid[1] * p_h, grid[2] * p_w)
     cos, sin = [table.reshape(*grid, -1)[time_row, h0:, w0:].reshape(1, ref_h * ref_w, 1, -1)
-                for table in rope(shape_only)]
+                for table in type(rope).forward(rope, shape_only)]  # the class's: context parallelism shards
+    # rope's outputs through a hook on the module, and these tables must stay whole
     if positions == "shifted":
         sin = torch.cat([-sin[..., : rope.t_dim], sin[..., rope.t_dim :]], dim=-1)
     return cos, sin
@@ -110,18 +112,38 @@ def project_qkv(attn: nn.Module, x: torch.Tensor, rotary_emb, loras: nn.Module |
     return apply_rope(query, *rotary_emb), apply_rope(key, *rotary_emb), value
 
 
-def attend(attn: nn.Module, query, key, value, backend) -> torch.Tensor:
+def attend(attn: nn.Module, query, key, value, backend, parallel_config=None) -> torch.Tensor:
     """Attention and the block's output projection (the same projection serves both streams)."""
-    hidden_states = dispatch_attention_fn(query, key, value, backend=backend).flatten(2, 3).type_as(query)
+    hidden_states = dispatch_attention_fn(query, key, value, backend=backend, parallel_config=parallel_config)
+    hidden_states = hidden_states.flatten(2, 3).type_as(query)
     return attn.to_out[1](attn.to_out[0](hidden_states))
 
 
-def concat_reference(key, value, reference_kv):
-    """[video; reference] keys and values; one reference serves every sample of the batch."""
+def concat_reference(key, value, reference_kv, shard: tuple[int, int] = (0, 1)):
+    """[video; reference] keys and values; one reference serves every sample of the batch.
+
+    Under context parallelism (shard = (rank, ranks)) each rank holds a slice of the video tokens, and diffusers
+    gathers every rank's keys (Ulysses all-to-all) or passes them round (ring): each rank appends its own slice of
+    the reference keys, so that every video query sees each reference key exactly once (attention does not depend
+    on the order of the keys)."""
     ref_key, ref_value = reference_kv
+    rank, ranks = shard
+    if ranks > 1:
+        if ref_key.shape[1] % ranks:
+            raise ValueError(f"{ref_key.shape[1]} reference tokens do not split evenly over {ranks} context-parallel "
+                             "ranks")
+        ref_key, ref_value = ref_key.chunk(ranks, dim=1)[rank], ref_value.chunk(ranks, dim=1)[rank]
     batch = key.shape[0]
     key = torch.cat([key, ref_key.expand(batch, -1, -1, -1).type_as(key)], dim=1)
     return key, torch.cat([value, ref_value.expand(batch, -1, -1, -1).type_as(value)], dim=1)
+
+
+def context_parallel_shard(parallel_config) -> tuple[int, int]:
+    """(this rank, number of ranks) over which diffusers' context parallelism shards the video tokens."""
+    config = getattr(parallel_config, "context_parallel_config", None)
+    if config is None:
+        return 0, 1
+    return config._flattened_mesh.get_local_rank(), config.ring_degree * config.ulysses_degree
 
 
 # ---- the stream ---------------------------------------------------------------------------------------------
@@ -185,9 +207,11 @@ class ReferenceStream:
         temb = embedder.time_embedder(t0.to(next(embedder.time_embedder.parameters()).dtype)).to(dtype)
         self.modulation = embedder.time_proj(embedder.act_fn(temb)).unflatten(1, (6, -1))
 
-    def reference_kv(self, index: int, block: nn.Module, block_forward, video_kv) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block `index`'s reference keys/values: from the cache, or by running the block on reference tokens."""
-        video_tokens = video_kv[0].shape[1]
+    def reference_kv(self, index: int, block: nn.Module, block_forward, video_kv,
+                     shards: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block `index`'s reference keys/values: from the cache, or by running the block on reference tokens (the
+        whole reference on every rank under context parallelism: it is small, and never sharded)."""
+        video_tokens = video_kv[0].shape[1] * shards
         if video_tokens != self.grid[0] * self.grid[1] * self.grid[2]:
             raise ValueError(f"the reference positions were built for video grid {self.grid}, but this input has "
                              f"{video_tokens} video tokens")
@@ -248,9 +272,12 @@ class StandInSelfAttention:
         if stream.in_reference_pass:
             return self._reference_attention(attn, hidden_states, rotary_emb, stream)
         query, key, value = project_qkv(attn, hidden_states, rotary_emb)
-        reference_kv = stream.reference_kv(self.index, self.block, self.block_forward, (key, value))
-        key, value = concat_reference(key, value, reference_kv)
-        return attend(attn, query, key, value, self._attention_backend)
+        parallel, shard = self._parallel_config, context_parallel_shard(self._parallel_config)
+        if shard[1] > 1 and stream.adapter.attention != "restricted":
+            raise NotImplementedError("the vanilla-attention ablation does not run under context parallelism")
+        reference_kv = stream.reference_kv(self.index, self.block, self.block_forward, (key, value), shard[1])
+        key, value = concat_reference(key, value, reference_kv, shard)
+        return attend(attn, query, key, value, self._attention_backend, parallel)
 
     def _reference_attention(self, attn, reference_states, rotary_emb, stream: ReferenceStream):
         loras = stream.adapter.blocks[self.index].self_attn
@@ -312,11 +339,6 @@ def reference_stream(transformer: nn.Module, adapter: StandInAdapter, reference_
     processors = _processors(transformer)
     if any(p.stream is not None for p in processors):
         raise RuntimeError("a reference is already active on this transformer; nested generations are not supported")
-    if processors[0]._parallel_config is not None:
-        raise NotImplementedError(
-            "context parallelism shards the video tokens, and each shard would attend to the reference on its own: "
-            "not supported with a Stand-In reference yet"
-        )
     stream = ReferenceStream(transformer, adapter, reference_latents, grid, cache)
     try:
         for processor in processors:
