@@ -1,4 +1,4 @@
-"""Stand-In adapter files: the official .ckpt, the community safetensors, and ours (SPEC section 7).
+"""Stand-In adapter files: the official .ckpt, the community safetensors, and ours (docs/method.md section 7).
 
 All three hold the same 240 tensors (for 40 blocks) under the official names; the community file prefixes them
 with "diffusion_model.", ours adds metadata. Pickles are read with weights_only=True: no code is executed, and

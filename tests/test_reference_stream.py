@@ -1,4 +1,4 @@
-"""The reference stream on the diffusers Wan transformer (SPEC sections 2-4)."""
+"""The reference stream on the diffusers Wan transformer (docs/method.md sections 2-4)."""
 
 import math
 

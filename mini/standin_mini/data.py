@@ -134,7 +134,7 @@ def make_clip(identity_id: int, prompt: Prompt | str, num_frames: int = 17, size
 
 
 def crop_reference(image: np.ndarray, box, size: int, mask: np.ndarray | None = None) -> np.ndarray:
-    """SPEC section 6 on a known face: everything outside `mask` painted white, a square of side 1.5x the
+    """docs/method.md section 6 on a known face: everything outside `mask` painted white, a square of side 1.5x the
     longer box side centred on the box (the part outside the image white), resized to size x size (area)."""
     if mask is not None:
         image = (image * mask[..., None] + 255.0 * (1 - mask[..., None]) + 0.5).astype(np.uint8)

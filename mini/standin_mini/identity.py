@@ -3,7 +3,7 @@
 - FaceDetector: CenterNet-style, fully convolutional on a 64x64 frame. Per 4x4-pixel cell it predicts a
   face-centre logit, the centre's offset in the cell, the box size and the five landmarks; from the pooled
   features it also classifies the place and the time of day of the scene.
-- FaceEmbedder: a 48x48 face crop (the SPEC's 1.5x square crop) -> L2-normalised 128-d identity embedding.
+- FaceEmbedder: a 48x48 face crop (docs/method.md's 1.5x square crop) -> L2-normalised 128-d identity embedding.
   Linear heads on the embedding predict the character's attributes (a training signal, and "who" for
   check_prompt); a head on the features before the embedding predicts the head's yaw and pitch.
 - MiniFaceBackend: both networks behind standin.faces.base.FaceBackend, loaded from the shipped weights.

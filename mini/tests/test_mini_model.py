@@ -189,8 +189,9 @@ def test_generate_with_a_shipped_reference_then_measure_it(tmp_path, capsys):
     assert read_video(video).shape == (17, 64, 64, 3)
     assert {p.name for p in tmp_path.iterdir()} == {"demo.mp4", "demo.reference.png", "demo.sheet.png"}
     capsys.readouterr()
-    assert main(["eval", str(video), "--reference", str(tmp_path / "demo.reference.png"), "--backend", "mini"]) == 0
+    assert main(["eval", str(video), "--backend", "mini"]) == 0  # as README says: the reference beside it
     scores = json.loads(capsys.readouterr().out)
+    assert scores["reference"] == str(tmp_path / "demo.reference.png")
     assert 0.0 <= scores["face_rate"] <= 1.0 and "face_sim" in scores and scores["motion"] >= 0
 
 

@@ -1,4 +1,4 @@
-"""Identity and motion metrics for generated videos (SPEC section 9): FaceSim, face rate, copy-paste, motion.
+"""Identity and motion metrics for generated videos (docs/method.md section 9): FaceSim, face rate, copy-paste, motion.
 
 The names below load on first use (PEP 562), so that importing standin.eval.cli to build the command line does
 not import cv2."""

@@ -20,7 +20,8 @@ def add_parser(subparsers) -> None:
         "video with one photo. Videos: .mp4 .mov .mkv .webm .avi .gif.",
     )
     parser.add_argument("video", nargs="?", help="a video file, or a folder of videos")
-    parser.add_argument("--reference", help="reference photo (required for a single video; with a folder, used for every video)")
+    parser.add_argument("--reference", help="reference photo (default for one video: NAME.reference.png beside it; "
+                        "with a folder, used for every video)")
     parser.add_argument("--pairs", help="CSV with a header and columns video,reference (relative to the CSV)")
     parser.add_argument("--frames", type=int, default=DEFAULT_NUM_FRAMES,
                         help=f"frames sampled per video (default {DEFAULT_NUM_FRAMES})")
@@ -47,10 +48,16 @@ def run(args) -> int:
     result = None
     try:
         if args.pairs is None and not Path(args.video).is_dir():
-            if args.reference is None:
-                return fail("--reference is required for a single video", status=2)
-            scores = evaluate_video(args.video, args.reference, backend=args.backend, num_frames=args.frames)
-            text = json.dumps({"video": args.video, "reference": args.reference, **scores.to_dict()}, indent=2)
+            reference = args.reference
+            if reference is None:  # a generated video's reference lies beside it (standin.video.companion_paths)
+                from standin.video import companion_paths
+
+                reference = companion_paths(args.video)[0]
+                if not reference.is_file():
+                    return fail(f"no --reference given and no {reference.name} beside the video", status=2)
+                reference = str(reference)
+            scores = evaluate_video(args.video, reference, backend=args.backend, num_frames=args.frames)
+            text = json.dumps({"video": args.video, "reference": reference, **scores.to_dict()}, indent=2)
             print(text)
         else:
             pairs = read_pairs_csv(args.pairs) if args.pairs else find_pairs(args.video, args.reference)

@@ -1,6 +1,6 @@
 """Identity and motion metrics of a generated video against its reference photo.
 
-FaceSim (SPEC section 9): cosine similarity between the reference face's embedding and the embedding of the
+FaceSim (docs/method.md section 9): cosine similarity between the reference face's embedding and the embedding of the
 largest face in each of N uniformly sampled frames, averaged over the frames where a face was found. The
 published number (0.724) uses CurricularFace; the offline default here is dlib's ResNet, whose cosines sit on
 a different scale (different people are often 0.8-0.9, the same person above about 0.93; dlib's own

@@ -1,4 +1,4 @@
-"""Reference photo preprocessing (SPEC section 6): face crop, white padding, 512x512, white background.
+"""Reference photo preprocessing (docs/method.md section 6): face crop, white padding, 512x512, white background.
 
 The names below load on first use (PEP 562), so that importing standin.preprocess.cli to build the command line
 does not import cv2."""

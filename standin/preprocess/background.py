@@ -7,7 +7,7 @@ Two ways:
   white padding is certain background, the rest probable background.
 - `ParsingModel`: a face-parsing network from a path the user gives (BiSeNet as used by the published
   preprocessing: ONNX, TorchScript, or facexlib's BiSeNet state dict). Class 0 is background; everything
-  else (skin, hair, neck, clothes, hat...) is kept, as SPEC section 6 asks.
+  else (skin, hair, neck, clothes, hat...) is kept, as docs/method.md section 6 asks.
 """
 
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""Square face crop with white padding (SPEC section 6), keeping track of where the source pixels land."""
+"""Square face crop with white padding (docs/method.md section 6), keeping track of where the source pixels land."""
 
 from dataclasses import dataclass
 

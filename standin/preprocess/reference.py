@@ -1,4 +1,4 @@
-"""Reference photo -> 512x512 face crop on white, as SPEC section 6 describes."""
+"""Reference photo -> 512x512 face crop on white, as docs/method.md section 6 describes."""
 
 from dataclasses import dataclass
 
@@ -12,7 +12,7 @@ from standin.preprocess.crop import SquareCrop, face_crop, pad_to_square, touche
 from standin.preprocess.images import load_image
 
 # A box within 10 px of a border touches it, as in the published preprocessing. That code falls back to the
-# whole image when ANY border is touched; SPEC section 6 says all four, which is what we do: a face cut by one
+# whole image when ANY border is touched; docs/method.md section 6 says all four, which is what we do: a face cut by one
 # image edge is still cropped, only a photo that is already a face crop is taken whole.
 BORDER_TOLERANCE = 10
 # Output sides accepted: the pipeline uses 512; 4096 (48 MiB of RGB) is far above any use, and the check comes
