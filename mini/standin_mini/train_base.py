@@ -50,7 +50,7 @@ from standin_mini.data import (HELDOUT_IDENTITIES, MiniClipDataset, make_clip, m
 from standin_mini.model import MINI_SHIFT, MINI_SIZES
 from standin_mini.prompts import sample_prompt
 from standin_mini.tokenizer import mini_tokenizer
-from standin.pipeline import WAN_NEGATIVE_PROMPT, StandInPipeline, standin_scheduler
+from standin.pipeline import WAN_NEGATIVE_PROMPT, StandInPipeline, normalize_latents, standin_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -176,13 +176,6 @@ def encode_frames(vae: AutoencoderKLWan, video: torch.Tensor) -> torch.Tensor:
     with one_frame_convs(vae), torch.no_grad():
         mean = vae.encode(as_frames(video)).latent_dist.mean
     return mean[:, :, 0].unflatten(0, video.shape[:1] + video.shape[2:3]).transpose(1, 2)
-
-
-def normalise(latents: torch.Tensor, vae: AutoencoderKLWan) -> torch.Tensor:
-    """As the pipeline normalises video and reference latents: per channel, (z - latents_mean) / latents_std."""
-    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(latents)
-    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(latents)
-    return (latents - mean) / std
 
 
 class FrameBatches(torch.utils.data.Dataset):
@@ -345,7 +338,7 @@ def build_cache(work: Path, vae: AutoencoderKLWan, config: T2VConfig,
                                                  num_workers=workers)
             shard, shard_prompts = [], []
             for batch in loader:
-                shard.append(normalise(encode_frames(vae, batch["video"].to(vae.device)), vae).cpu())
+                shard.append(normalize_latents(vae, encode_frames(vae, batch["video"].to(vae.device))).cpu())
                 shard_prompts += batch["prompt"]
             tensors = {"latents": torch.cat(shard).contiguous()}
             metadata = {"prompts": json.dumps(shard_prompts), "seconds": f"{time.perf_counter() - started:.1f}"}
