@@ -148,13 +148,14 @@ def summarize(rows: list[dict], base_rows: list[dict] | None = None) -> dict:
 
 def markdown_table(summary: dict) -> str:
     lines = ["| variant | FaceSim | gain over (a), 95% CI | face rate | motion (% diag/frame) | action | place | "
-             "time of day |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "time of day | s / video |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, s in summary.items():
         cells = [f"{s['face_sim']:.3f}" if s["face_sim"] is not None else "-"]
         cells.append(f"{s['gain']:+.3f} +- {s['gain_ci95']:.3f}" if s["gain"] is not None else "")
         cells += [f"{s[key]:.3f}" if s[key] is not None else "-" for key in ("face_rate", "motion")]
         cells += [f"{s[key]:.0%}" for key in ("action", "place", "time")]
+        cells.append(f"{s['seconds_per_video']:.2f}" if s.get("seconds_per_video") is not None else "")
         lines.append(f"| {VARIANT_NAMES.get(name, name)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -186,26 +187,40 @@ def comparison_sheet(examples: list[dict], frames_shown: int = 6) -> Image.Image
     return sheet
 
 
+def guided_name(scale: float, steps: int | None) -> str:
+    return f"g_ref {scale:g}" + ("" if steps is None else f", first {steps} steps")
+
+
 def evaluate(base, adapters: dict[str, str], count: int, out: str, steps: int = 20, seed: int = 0,
-             size=(17, 64, 64), examples: int = 3, reference_clips: int = 48, guidance: float = 5.0) -> dict:
+             size=(17, 64, 64), examples: int = 3, reference_clips: int = 48, guidance: float = 5.0,
+             reference_guidance: list[tuple[float, int | None]] = ()) -> dict:
+    """reference_guidance: (g_ref, steps or None) settings, each a row of the "standin" adapter with that identity
+    guidance (StandInPipeline's reference_guidance / reference_guidance_steps)."""
     pipe = load_pipeline(base, device="cpu")
     pipe.set_progress_bar_config(disable=True)
     loaded = {name: load_adapter(path, pipe.transformer) for name, path in adapters.items()}
+    guided = {guided_name(*setting): setting for setting in reference_guidance}
+    if guided and "standin" not in loaded:
+        raise ValueError("reference guidance rows use the adapter named standin: give --adapter standin=FILE")
     backend = MiniFaceBackend()
     frames_count, height, width = size
-    rows = {name: [] for name in ("world", "vae", "base", *loaded)}
+    rows = {name: [] for name in ("world", "vae", "base", *loaded, *guided)}
+    seconds = {name: 0.0 for name in ("base", *loaded, *guided)}
     shown, started = [], time.perf_counter()
     for index, identity_id, prompt, reference in tqdm(list(held_out_cases(count, pipe.config.reference_size, seed)),
                                                       desc="held-out clips"):
         videos = {"world": make_clip(identity_id, prompt, frames_count, (height, width), seed=index).frames}
         videos["vae"] = through_vae(pipe.vae, videos["world"])
-        for name in ("base", *loaded):
+        for name in ("base", *loaded, *guided):
             if name != "base":
-                pipe.set_standin_adapter(loaded[name])
+                pipe.set_standin_adapter(loaded[name if name in loaded else "standin"])
+            scale, guided_steps = guided.get(name, (1.0, None))
+            tick = time.perf_counter()
             result = pipe(prompt=str(prompt), reference_image=None if name == "base" else Image.fromarray(reference),
                           preprocess_reference=False, height=height, width=width, num_frames=frames_count,
-                          num_inference_steps=steps, guidance_scale=guidance,
-                          generator=torch.Generator().manual_seed(seed + index))
+                          num_inference_steps=steps, guidance_scale=guidance, reference_guidance=scale,
+                          reference_guidance_steps=guided_steps, generator=torch.Generator().manual_seed(seed + index))
+            seconds[name] += time.perf_counter() - tick
             videos[name] = to_uint8(result.frames[0])
         for name, frames in videos.items():
             rows[name].append({"identity": identity_id, "prompt": str(prompt), **measure(frames, reference, prompt,
@@ -214,6 +229,8 @@ def evaluate(base, adapters: dict[str, str], count: int, out: str, steps: int = 
             shown.append({"reference": reference, "videos": videos})
     summary = {name: summarize(values, None if name in ("world", "vae", "base") else rows["base"])
                for name, values in rows.items()}
+    for name, total in seconds.items():
+        summary[name]["seconds_per_video"] = total / count
     use = reference_use(pipe, loaded, reference_clips, seed, size) if reference_clips else {}
     report = {"base": str(base), "adapters": adapters, "count": count, "steps": steps, "guidance": guidance,
               "seed": seed, "size": list(size), "seconds": round(time.perf_counter() - started, 1), "summary": summary,
@@ -241,15 +258,22 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reference-clips", type=int, default=48,
                         help="held-out clips for the reference-use losses (0: skip)")
+    parser.add_argument("--reference-guidance", action="append", default=[], metavar="G[:STEPS]",
+                        help="add a row: the standin adapter with identity guidance G (in the first STEPS steps)")
     parser.add_argument("--out", required=True, help="output stem: writes STEM.md, STEM.json and STEM.png")
     args = parser.parse_args(argv)
+    try:
+        reference_guidance = [(float(item.split(":")[0]), int(item.split(":")[1]) if ":" in item else None)
+                              for item in args.reference_guidance]
+    except ValueError:
+        parser.error("--reference-guidance takes G or G:STEPS, e.g. 2 or 3:6")
     if not all("=" in item for item in args.adapter):
         parser.error("--adapter takes NAME=FILE")
     adapters = dict(item.split("=", 1) for item in args.adapter)
     if set(adapters) & {"world", "vae", "base"}:
         parser.error("'world', 'vae' and 'base' name the reference-free rows; give the adapter another name")
     evaluate(args.base, adapters, args.count, args.out, args.steps, args.seed, reference_clips=args.reference_clips,
-             guidance=args.guidance)
+             guidance=args.guidance, reference_guidance=reference_guidance)
     return 0
 
 
