@@ -352,6 +352,8 @@ def test_swap_command_keeps_length_fps_and_audio(tmp_path, capsys):
     pytest.importorskip("standin_mini")
     from standin_mini.data import make_clip, make_reference
 
+    import imageio_ffmpeg
+
     from standin.swap.media import video_info
     from standin.video import read_video
 
@@ -369,4 +371,23 @@ def test_swap_command_keeps_length_fps_and_audio(tmp_path, capsys):
         assert frames.shape == (20, 64, 64, 3)
         assert video_info(path).fps == pytest.approx(12)
     assert video_info(out).audio_codec == "aac"
+    probe = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", str(out)], capture_output=True,
+                           text=True).stderr
+    assert "AI-generated" in probe  # the label survives the audio copy
     assert out.with_name("swapped.reference.png").is_file() and out.with_name("swapped.sheet.png").is_file()
+
+
+def test_audio_the_container_cannot_hold_is_reencoded(tmp_path):
+    import imageio_ffmpeg
+
+    from standin.swap.media import copy_audio, video_info
+    from standin.video import save_video
+
+    source = tmp_path / "source.mkv"  # 8-bit PCM: copied into an mp4 it fails, AAC it is
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-v", "error", "-f", "lavfi", "-i",
+                    "testsrc=size=32x32:rate=10:duration=1", "-f", "lavfi", "-i", "sine=duration=1", "-c:v", "libx264",
+                    "-pix_fmt", "yuv420p", "-c:a", "pcm_u8", str(source)], check=True, capture_output=True)
+    assert video_info(source).audio_codec.startswith("pcm")
+    out = save_video(np.zeros((10, 32, 32, 3), np.uint8), tmp_path / "out.mp4", fps=10)
+    assert copy_audio(out, source) == "aac"
+    assert video_info(out).audio_codec == "aac" and video_info(out).fps == 10

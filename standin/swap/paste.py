@@ -1,9 +1,10 @@
 """Step 1 and 2 of the face swap (docs/swap.md): the face to paste, and the pasted video with its masks.
 
 The reference face is the reference exactly as the model sees it (the preprocessed square crop on white), with an
-alpha mask of the person: the alpha channel of an RGBA reference when one is given, else everything that is not
-the white background connected to the crop's border (preprocessing paints the background pure white; the mini
-world's references are drawn that way). Its five landmarks come from the face backend.
+alpha mask of the person: everything that is not the white background connected to the crop's border
+(preprocessing paints the background pure white, by GrabCut or a parsing model; the mini world's references are
+drawn that way; `reference_face(alpha=...)` takes another). The published code uses the parsing model's
+non-background classes on the same crop. Its five landmarks come from the face backend.
 
 In each frame the largest face's five landmarks place the reference by a similarity transform estimated robustly
 (cv2.estimateAffinePartial2D, least median of squares, as published). A backend without landmarks (or a failed
