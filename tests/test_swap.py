@@ -43,7 +43,8 @@ class TableBackend:
 
 def similarity(angle_degrees: float, scale: float, shift) -> np.ndarray:
     a = np.deg2rad(angle_degrees)
-    return np.array([[scale * np.cos(a), -scale * np.sin(a), shift[0]], [scale * np.sin(a), scale * np.cos(a), shift[1]]])
+    return np.array([[scale * np.cos(a), -scale * np.sin(a), shift[0]],
+                     [scale * np.sin(a), scale * np.cos(a), shift[1]]])
 
 
 def apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -363,7 +364,7 @@ def test_swap_command_keeps_length_fps_and_audio(tmp_path, capsys):
     PIL.Image.fromarray(make_reference(34, 64)).save(reference)
     out = tmp_path / "out" / "swapped.mp4"
     assert run_swap(video, "--reference", reference, "-o", out, "--steps", "1", "--guidance", "1",
-                    "--save-intermediate", "--keep-background") == 0
+                    "--save-intermediate", "--keep-background", "--composite") == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["frames"] == 20 and report["windows"] == 2 and report["audio"] == "copied"
     for path in (out, out.with_name("swapped.pasted.mp4"), out.with_name("swapped.mask.mp4")):
@@ -391,3 +392,18 @@ def test_audio_the_container_cannot_hold_is_reencoded(tmp_path):
     out = save_video(np.zeros((10, 32, 32, 3), np.uint8), tmp_path / "out.mp4", fps=10)
     assert copy_audio(out, source) == "aac"
     assert video_info(out).audio_codec == "aac" and video_info(out).fps == 10
+
+
+def test_composite_keeps_the_input_outside_the_mask():
+    from standin.swap.run import composite
+
+    rng = np.random.default_rng(0)
+    generated, original = (rng.integers(0, 256, (3, 16, 16, 3)).astype(np.uint8) for _ in range(2))
+    masks = np.zeros((3, 16, 16), np.float32)
+    masks[:, 4:8, 4:8] = 1.0
+    masks[:, 8, 4:8] = 0.5
+    mixed = composite(generated, original, masks)
+    assert np.array_equal(mixed[masks == 0], original[masks == 0])
+    assert np.array_equal(mixed[masks == 1], generated[masks == 1])
+    half = (generated[masks == 0.5].astype(int) + original[masks == 0.5]) / 2
+    assert np.abs(mixed[masks == 0.5] - half).max() <= 0.5

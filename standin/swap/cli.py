@@ -35,6 +35,10 @@ def add_parser(subparsers) -> None:
     swap.add_argument("--keep-background", action="store_true",
                       help="background consistency: after every step, outside the face mask the latents are reset "
                       "to the input video's (noised to the step's level), so only the face region is repainted")
+    swap.add_argument("--composite", action="store_true",
+                      help="paste the result back into the input with the feathered mask: outside the mask every "
+                      "pixel is the input's (latent-space --keep-background cannot promise that: the VAE decoder "
+                      "spreads each latent over many pixels)")
     swap.add_argument("--save-intermediate", action="store_true",
                       help="also write NAME.pasted.mp4 (the reference face pasted on each frame) and NAME.mask.mp4")
     swap.add_argument("--base", help="Wan diffusers folder, original Wan folder or hub id (default: the installed "
@@ -146,7 +150,8 @@ def run_swap(args) -> int:
                         guidance_scale=args.guidance, window=args.window, **extra)
         from standin.swap.run import window_plan
 
-        result = finish(frames, prepared, reference, inner, window_plan(pipe, len(frames), args.window))
+        result = finish(frames, prepared, reference, inner, window_plan(pipe, len(frames), args.window),
+                        args.composite)
 
         from standin.io import save_image
         from standin.swap.media import copy_audio

@@ -92,6 +92,15 @@ def denoise(pipe: StandInSwapPipeline, prepared: Prepared, reference: PIL.Image.
     return (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 
+def composite(generated: np.ndarray, original: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """The generated frames inside the (feathered) mask, the original's pixels outside: out m + in (1 - m). The
+    decoder spreads every latent over many pixels (on the mini model's 8x8 latents, over most of the frame), so
+    background consistency in latent space alone cannot keep the pixels outside the mask; this does, exactly."""
+    weight = masks[..., None].astype(np.float32)
+    mixed = generated.astype(np.float32) * weight + original.astype(np.float32) * (1.0 - weight)
+    return np.clip(mixed + 0.5, 0, 255).astype(np.uint8)
+
+
 def place(original: np.ndarray, crop: tuple, inner: np.ndarray) -> np.ndarray:
     """`inner` (frames of the crop) put back into copies of the full frames, cut to even sides (H.264)."""
     top, left, height, width = crop
@@ -114,18 +123,23 @@ class SwapResult:
 
 
 def swap_frames(pipe: StandInSwapPipeline, frames: np.ndarray, reference_image, backend=None, prompt: str = "",
-                preprocess_reference: bool | None = None, progress: bool = True, **kwargs) -> SwapResult:
+                preprocess_reference: bool | None = None, progress: bool = True, composite: bool = False,
+                **kwargs) -> SwapResult:
     """The whole swap on uint8 frames [T, H, W, 3] in memory (kwargs: see `denoise`)."""
     if preprocess_reference is None:
         preprocess_reference = pipe.config.preprocess_reference
     reference = prepare_reference(reference_image, pipe.config.reference_size, preprocess_reference)
     prepared = prepare(frames, reference, backend, progress)
     inner = denoise(pipe, prepared, reference, prompt, progress=progress, **kwargs)
-    return finish(frames, prepared, reference, inner, window_plan(pipe, len(frames), kwargs.get("window"),
-                                                                     kwargs.get("stride")))
+    plan = window_plan(pipe, len(frames), kwargs.get("window"), kwargs.get("stride"))
+    return finish(frames, prepared, reference, inner, plan, composite)
 
 
-def finish(frames: np.ndarray, prepared: Prepared, reference, inner: np.ndarray, plan: WindowPlan) -> SwapResult:
+def finish(frames: np.ndarray, prepared: Prepared, reference, inner: np.ndarray, plan: WindowPlan,
+           composite_result: bool = False) -> SwapResult:
+    if composite_result:
+        top, left, height, width = prepared.crop
+        inner = composite(inner, frames[:, top:top + height, left:left + width], prepared.pasted.masks)
     return SwapResult(frames=place(frames, prepared.crop, inner), pasted=place(frames, prepared.crop,
                                                                                prepared.pasted.frames),
                       masks=place(frames, prepared.crop, prepared.pasted.masks), reference=reference,
