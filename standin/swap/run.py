@@ -45,7 +45,8 @@ def prepare(frames: np.ndarray, reference: PIL.Image.Image, backend=None, progre
     face = reference_face(reference, backend)
     top, left, height, width = crop = crop_to_multiple(frames.shape[1], frames.shape[2], SIZE_MULTIPLE)
     cropped = frames[:, top:top + height, left:left + width]
-    with tqdm(total=len(cropped), desc="pasting the face", unit="frame", disable=not progress) as bar:
+    # On a terminal only (disable=None): piped stderr keeps an error to its one line.
+    with tqdm(total=len(cropped), desc="pasting the face", unit="frame", disable=None if progress else True) as bar:
         pasted = paste_video(cropped, face, backend, progress=bar.update)
     return Prepared(crop=crop, reference=face, pasted=pasted)
 
