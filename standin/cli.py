@@ -16,6 +16,7 @@ SUBCOMMAND_MODULES = (
     "standin.preprocess.cli",
     "standin.eval.cli",
     "standin.train.cli",
+    "standin.swap.cli",
 )
 
 DESCRIPTION = """\
