@@ -59,15 +59,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def reference_rope(rope: nn.Module, reference_grid: tuple[int, int], video_grid: tuple[int, int, int],
-                   positions: str = "shifted", slot: int = 0):
+                   positions: str = "shifted", slot: int = 0, context_parallel: bool = False):
     """cos/sin tables [1, h_r * w_r, 1, head_dim] for reference token (j, k) at positions (-1, h + j, w + k), or
     at (0, j, k) on the video's own grid for positions="shared" (the ablation that loses identity). With several
     references, the one in `slot` s sits one reference grid further diagonally per slot: (-1, h + s h_r + j,
     w + s w_r + k), so that no two references share positions (the published multi-identity scheme).
 
-    Cut from the base model's own tables, through its RoPE module's forward on a shape-only input (called inside the
-    transformer's forward, where offloading has brought its buffers); position -1 is the rotation by -theta, i.e.
-    (cos, -sin) of time 1.
+    Cut from the base model's own tables, through its RoPE module's forward on a shape-only input, so that
+    offloading hooks bring its buffers; under context parallelism the module's hook would shard the tables, so the
+    class's forward is called instead. Position -1 is the rotation by -theta, i.e. (cos, -sin) of time 1.
     """
     _, video_h, video_w = video_grid
     ref_h, ref_w = reference_grid
@@ -82,8 +82,7 @@ def reference_rope(rope: nn.Module, reference_grid: tuple[int, int], video_grid:
     p_t, p_h, p_w = rope.patch_size
     shape_only = torch.zeros(()).expand(1, 1, grid[0] * p_t, grid[1] * p_h, grid[2] * p_w)
     cos, sin = [table.reshape(*grid, -1)[time_row, h0:, w0:].reshape(1, ref_h * ref_w, 1, -1)
-                for table in type(rope).forward(rope, shape_only)]  # the class's: context parallelism shards
-    # rope's outputs through a hook on the module, and these tables must stay whole
+                for table in (type(rope).forward(rope, shape_only) if context_parallel else rope(shape_only))]
     if positions == "shifted":
         sin = torch.cat([-sin[..., : rope.t_dim], sin[..., rope.t_dim :]], dim=-1)
     return cos, sin
@@ -175,6 +174,7 @@ class ReferenceStream:
         self.video_kv = None  # vanilla ablation: the video keys/values the reference queries also see
         self.latest_kv = None  # what the self-attention of the reference pass in progress produced
         self.is_muted = False  # forwards inside muted() run the base model (reference guidance's third branch)
+        self.shards = 1  # context-parallel ranks the video tokens are split over
 
     @property
     def recorded(self) -> bool:
@@ -200,7 +200,8 @@ class ReferenceStream:
             x = x.flatten(2).transpose(1, 2).contiguous()
             # The vanilla ablation lets each sample's reference see its own video: one reference per sample then.
             self.tokens[slot][0] = x.expand(batch, -1, -1) if self.adapter.attention == "vanilla" else x
-            rotary = reference_rope(transformer.rope, reference_grid, self.grid, self.adapter.positions, slot)
+            rotary = reference_rope(transformer.rope, reference_grid, self.grid, self.adapter.positions, slot,
+                                    self.shards > 1)
             self.rotary_emb[slot] = tuple(t.to(x.device) for t in rotary)
         embedder = transformer.condition_embedder  # its own steps, at t = 0 (the reference is a clean image)
         t0 = embedder.timesteps_proj(torch.zeros(1, device=x.device))
@@ -218,6 +219,7 @@ class ReferenceStream:
         if self.keys_values[index] is not None and self.cache:
             return self.keys_values[index]
         if index == 0:
+            self.shards = shards
             self._embed(video_kv[0].shape[0])
         keys, values = [], []
         for tokens, rotary_emb in zip(self.tokens, self.rotary_emb):
