@@ -309,3 +309,36 @@ def test_two_real_runs_into_one_folder_then_a_kill(tiny_base, encoded_data, tmp_
     assert json.loads(capsys.readouterr().out)["resumed_from_step"] == killed_at
     assert f"from process {first.pid} (started" in (run / "train.log").read_text()
     assert not (run / checkpoints.LOCK_FILE).exists()
+
+
+# ---- nothing the user had is lost ----------------------------------------------------------------------------
+
+
+def test_a_finished_run_without_checkpoints_is_never_replaced(tiny_base, encoded_data, finished, tmp_path):
+    run = copy_run(finished, tmp_path)
+    shutil.rmtree(run / "checkpoints")
+    before = {name: (run / name).read_bytes() for name in ("report.json", "adapter.safetensors")}
+    for resume in (False, True):
+        with pytest.raises(FileExistsError, match="holds a run's report.json and adapter.safetensors but no checkpoint"):
+            Trainer(train_config(tiny_base, encoded_data, run, resume=resume, **SETTINGS))
+    assert {name: (run / name).read_bytes() for name in before} == before
+    assert not (run / checkpoints.LOCK_FILE).exists()
+
+
+def test_resuming_exactly_at_the_last_checkpoint_writes_the_runs_adapter(tiny_base, encoded_data, finished,
+                                                                       tmp_path):
+    """A 4-step run stopped after its step-2 checkpoint, resumed with --steps 2: nothing to train, but the run's
+    adapter and report are written (from the checkpoint), not a report pointing at a missing adapter."""
+    run = copy_run(finished, tmp_path)
+    for name in ("report.json", "adapter.safetensors", "checkpoints/latest.json"):
+        (run / name).unlink()
+    shutil.rmtree(run / "checkpoints/step-0000004")
+    report = Trainer(train_config(tiny_base, encoded_data, run, resume=True, **{**SETTINGS, "steps": 2})).train()
+    assert report["steps"] == 2 and json.loads((run / "report.json").read_text())["steps"] == 2
+    assert (run / "adapter.safetensors").read_bytes() == (run / "checkpoints/step-0000002/adapter.safetensors").read_bytes()
+
+
+def test_a_clip_size_validation_cannot_generate_is_refused_before_training(tiny_base, encoded_data, tmp_path):
+    with pytest.raises(ValueError, match="clip size 32x24, 9 frames .*multiples of 16"):
+        Trainer(train_config(tiny_base, encoded_data, tmp_path / "run", height=24))
+    assert not (tmp_path / "run" / checkpoints.LOCK_FILE).exists()

@@ -15,9 +15,11 @@ FSDP2 sharding with --fsdp, see parallel.py). What a step computes depends only 
 import dataclasses
 import json
 import logging
+import shutil
 import time
 import weakref
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,7 +29,7 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from standin.checkpoint import AdapterFileError, load_adapter, save_adapter
-from standin.io import save_text
+from standin.io import atomic_write, save_text
 from standin.models import StandInAdapter, StandInModel
 from standin.train import checkpoints, parallel
 from standin.train.config import TrainConfig
@@ -110,6 +112,10 @@ class Trainer:
 
     def _resume_folder(self) -> Path | None:
         latest = checkpoints.latest_checkpoint(self.run_dir)
+        finished = [name for name in ("report.json", checkpoints.ADAPTER_FILE) if (self.run_dir / name).exists()]
+        if latest is None and finished:  # a finished run whose checkpoints are gone: a new run would replace it
+            raise FileExistsError(f"{self.run_dir} holds a run's {' and '.join(finished)} but no checkpoint to resume "
+                                  "from; choose another output folder (or move those files away)")
         if latest is not None and not self.config.resume:
             raise FileExistsError(f"{self.run_dir} already holds a run (checkpoint {latest.name}); pass --resume to "
                                   "continue it, or choose another output folder")
@@ -203,6 +209,11 @@ class Trainer:
                                  c.width or settings["width"])
         self.fps = settings["fps"]
         self.clip_size = (frames, height, width)
+        try:  # validation generates at this size: refuse it now, not after hours of training
+            self.pipe.check_sizes(height, width, frames)
+        except ValueError as error:
+            raise ValueError(f"clip size {width}x{height}, {frames} frames (--width/--height/--frames, or the "
+                             f"dataset's): {error}") from None
         self.dataset_size = len(dataset)
 
         # The text encoder runs every step only for pixel data. For pre-encoded data it stays on the CPU, encodes
@@ -381,6 +392,10 @@ class Trainer:
                                self.lock.took_over.get("started", "?"))
             if self.resumed_from is not None:
                 logger.info("resumed from %s at step %d", self.resumed_from, self.start_step)
+            if self.is_main and self.start_step == c.steps and not (self.run_dir / checkpoints.ADAPTER_FILE).exists():
+                # resumed at exactly its last checkpoint (a shorter target than first planned): the run's adapter
+                atomic_write(self.run_dir / checkpoints.ADAPTER_FILE, partial(
+                    shutil.copyfile, self.resumed_from / checkpoints.ADAPTER_FILE))
             finished = self._finished_report()
             if finished is not None:
                 logger.info("the run is already at step %d of %d: nothing to do; report.json left as it is",
