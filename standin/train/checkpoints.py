@@ -192,7 +192,8 @@ class RunLock:
             return None
         try:
             record = json.loads(text)
-            if not isinstance(record.get("pid"), int):
+            pid = record.get("pid")
+            if not isinstance(pid, int) or isinstance(pid, bool) or pid < 1:
                 raise ValueError
             return record
         except (ValueError, AttributeError):
@@ -231,7 +232,7 @@ class RunLock:
                              "keep taking it)")
 
     def release(self) -> None:
-        if not self.held:
+        if not self.held or os.getpid() != self.pid:  # a forked child (data loader worker) never removes it
             return
         self.held = False
         holder = self._holder()
