@@ -129,7 +129,10 @@ def check_memory(pipe, height: int, width: int, num_frames: int, batch: int = 1)
         blocks += batch * heads * tokens * (tokens + reference_tokens) * 4
     decoder_base = getattr(vae.config, "decoder_base_dim", None) or vae.config.base_dim
     full_channels = decoder_base * vae.config.dim_mult[0]
+    device = pipe._execution_device
     vae_device = vae.device
+    if any(getattr(vae, hook, None) is not None for hook in ("_hf_hook", "_diffusers_hook")):
+        vae_device = device  # offloaded: its hooks bring it to the execution device to decode
     per_pixel = 54 if vae_device.type == "cpu" else 12
     decode = (8 * 3 * num_frames * height * width * 4
               + temporal * height * width * full_channels * per_pixel * (torch.finfo(vae.dtype).bits // 8))
@@ -141,7 +144,6 @@ def check_memory(pipe, height: int, width: int, num_frames: int, batch: int = 1)
         return psutil.virtual_memory().available
 
     gib = 2**30
-    device = pipe._execution_device
     needs = ([(device, latents + max(blocks, decode))] if torch.device(vae_device) == torch.device(device)
              else [(device, latents + blocks), (vae_device, decode)])
     for where, needed in needs:
