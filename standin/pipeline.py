@@ -125,6 +125,10 @@ def check_memory(pipe, height: int, width: int, num_frames: int, batch: int = 1)
     blocks = batch * (tokens + reference_tokens) * (8 * dim + 2 * config.ffn_dim) * element
     processor = next((m.processor for m in transformer.modules() if hasattr(m, "processor")), None)
     backend = getattr(processor, "_attention_backend", None)
+    if backend is None:  # dispatch_attention_fn then runs the globally active backend
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+        backend = _AttentionBackendRegistry.get_active_backend()[0]
     if str(getattr(backend, "value", backend)) == "_native_math":
         blocks += batch * heads * tokens * (tokens + reference_tokens) * 4
     decoder_base = getattr(vae.config, "decoder_base_dim", None) or vae.config.base_dim

@@ -44,13 +44,30 @@ def test_the_estimate_refuses_what_does_not_fit_with_the_numbers(monkeypatch):
     assert needed_gib(pipe, 1024, 512, 33, monkeypatch) > needed_gib(pipe, 512, 512, 33, monkeypatch)
 
 
-def test_materialised_attention_scores_are_counted(monkeypatch):
-    pipe = tiny_pipeline()
+@pytest.fixture
+def restore_active_attention_backend():
+    """set_attention_backend also sets diffusers' process-wide active backend: later tests must not inherit it."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    active = _AttentionBackendRegistry._active_backend
+    yield
+    _AttentionBackendRegistry.set_active_backend(active)
+
+
+def test_materialised_attention_scores_are_counted(monkeypatch, restore_active_attention_backend):
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    pipe, other = tiny_pipeline(), tiny_pipeline()
     flash = needed_gib(pipe, 512, 512, 33, monkeypatch, part="(transformer ")
     pipe.transformer.set_attention_backend("_native_math")  # materialises batch x heads x N x (N + R) floats
     tokens = 9 * 32 * 32
     scores = 2 * tokens * (tokens + 4) * 4 / GIB  # tiny: 2 heads, 2x2 reference tokens, batch 1
     assert needed_gib(pipe, 512, 512, 33, monkeypatch, part="(transformer ") == pytest.approx(flash + scores, abs=0.01)
+    # a model whose processors name no backend runs the process-wide active one, which that call set too
+    assert needed_gib(other, 512, 512, 33, monkeypatch, part="(transformer ") == pytest.approx(flash + scores,
+                                                                                               abs=0.01)
+    _AttentionBackendRegistry.set_active_backend(AttentionBackendName.NATIVE)
+    assert needed_gib(other, 512, 512, 33, monkeypatch, part="(transformer ") == pytest.approx(flash, abs=0.01)
 
 
 def test_sizes_beyond_the_rope_table_are_refused_with_the_limit():
