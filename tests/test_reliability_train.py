@@ -319,7 +319,8 @@ def test_a_finished_run_without_checkpoints_is_never_replaced(tiny_base, encoded
     shutil.rmtree(run / "checkpoints")
     before = {name: (run / name).read_bytes() for name in ("report.json", "adapter.safetensors")}
     for resume in (False, True):
-        with pytest.raises(FileExistsError, match="holds a run's report.json and adapter.safetensors but no checkpoint"):
+        with pytest.raises(FileExistsError, match="holds a run's report.json and adapter.safetensors but no "
+                                                  "checkpoint"):
             Trainer(train_config(tiny_base, encoded_data, run, resume=resume, **SETTINGS))
     assert {name: (run / name).read_bytes() for name in before} == before
     assert not (run / checkpoints.LOCK_FILE).exists()
@@ -335,7 +336,8 @@ def test_resuming_exactly_at_the_last_checkpoint_writes_the_runs_adapter(tiny_ba
     shutil.rmtree(run / "checkpoints/step-0000004")
     report = Trainer(train_config(tiny_base, encoded_data, run, resume=True, **{**SETTINGS, "steps": 2})).train()
     assert report["steps"] == 2 and json.loads((run / "report.json").read_text())["steps"] == 2
-    assert (run / "adapter.safetensors").read_bytes() == (run / "checkpoints/step-0000002/adapter.safetensors").read_bytes()
+    checkpoint = run / "checkpoints/step-0000002/adapter.safetensors"
+    assert (run / "adapter.safetensors").read_bytes() == checkpoint.read_bytes()
 
 
 def test_a_clip_size_validation_cannot_generate_is_refused_before_training(tiny_base, encoded_data, tmp_path):

@@ -137,8 +137,9 @@ class Trainer:
         settings, other data."""
         c, step, folder = self.config, state["step"], self.resumed_from
         if c.steps < step:
-            raise ValueError(f"--steps {c.steps} is below the step of the checkpoint to resume ({folder}, step {step}): "
-                             f"a run cannot be shortened; pass --steps {step} or more, or choose another output folder")
+            raise ValueError(f"--steps {c.steps} is below the step of the checkpoint to resume ({folder}, step "
+                             f"{step}): a run cannot be shortened; pass --steps {step} or more, or choose another "
+                             "output folder")
         self._check_unchanged(state["config"])
         saved = state.get("data") if isinstance(state.get("data"), dict) else {}
         fingerprint = saved.get("fingerprint")
@@ -369,7 +370,8 @@ class Trainer:
                     record = json.loads(line)
                 except json.JSONDecodeError:  # the line a kill cut short
                     continue
-                if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= self.start_step:
+                step = record.get("step") if isinstance(record, dict) else None
+                if isinstance(step, int) and step <= self.start_step:
                     kept.append(line + "\n")
         save_text("".join(kept), path)
         return path
