@@ -71,6 +71,96 @@ def denormalize_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     return latents / (1.0 / std) + mean
 
 
+def check_memory(pipe, height: int, width: int, num_frames: int, batch: int = 1) -> None:
+    """Refuse, before anything is allocated, a video size the base cannot position or memory cannot hold.
+
+    RoPE: the base's rotary tables have rope_max_seq_len positions per axis, so the token grid
+    (latent frames / p_t, height / (s p_h), width / (s p_w)) must fit in them (s: the VAE's spatial factor).
+
+    Memory, in bytes, at the peak of a generation (weights are already loaded, so they are not counted; what is
+    compared is what is still available: psutil's available memory on the CPU, free + reserved-unused memory on a
+    CUDA device). With b = batch (1 here: one video, guidance branches one after the other, the least any
+    generation of this size needs; batched guidance doubles the transformer term), N video tokens, R = the tokens
+    of one reference, D = heads x head_dim, Fd = the feed-forward width, e = the transformer's element size:
+      latents     4 x b x C x F' x h x w x 4                       (latents, noise, velocity, scheduler step)
+      transformer b x (N + R) x (8 D + 2 Fd) x e                   (one block's token activations: input, norm,
+                                                                    q, k, v, rotated q/k, attention out, ffn x2)
+                  + b x heads x N x (N + R) x 4                    only when the attention backend materialises
+                                                                    the scores (diffusers' _native_math; torch's
+                                                                    SDPA on CPU and CUDA runs flash/efficient
+                                                                    kernels that do not, measured on CPU)
+      decode      8 x 3 x F x H x W x 4                            (the whole video in float32: decoder outputs,
+                                                                    concatenation, clamping, post-processing)
+                  + t x H x W x c x k x e_vae                      (one decoded chunk of t = the VAE's temporal
+                                                                    factor frames at full resolution, c = the
+                                                                    decoder's full-resolution channels; k = 54 on
+                                                                    the CPU, where a 3x3x3 convolution unfolds its
+                                                                    input (27 c per pixel, twice), 12 on CUDA)
+    peak = latents + max(transformer, decode) when the VAE shares the transformer's device, else each is checked
+    on its own device. Measured on the mini model (CPU, float32, guidance batched, b = 2; peak RSS growth of a
+    1-step generation minus that of the 64x64 default): 256x256x17 0.33 GiB estimated, 0.34 measured; 128x128x33
+    0.11 estimated, 0.16 measured (the decoder's working set is most of it; the estimate is an approximation,
+    not a bound)."""
+    import psutil
+
+    transformer = pipe._experts()["transformer"]
+    config, vae = transformer.config, pipe.vae
+    p_t, p_h, p_w = config.patch_size
+    spatial, temporal = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
+    latent_frames, latent_h, latent_w = (num_frames - 1) // temporal + 1, height // spatial, width // spatial
+    grid = (latent_frames // p_t, latent_h // p_h, latent_w // p_w)
+    limit = config.rope_max_seq_len
+    if max(grid) > limit:
+        raise ValueError(
+            f"{width}x{height} with {num_frames} frames is a token grid of {grid[0]} x {grid[1]} x {grid[2]} "
+            f"(time x height x width), beyond this base's RoPE table of {limit} positions per axis (rope_max_seq_len): "
+            f"at most {limit * spatial * p_h} pixels on a side and {(limit * p_t - 1) * temporal + 1} frames")
+
+    tokens = grid[0] * grid[1] * grid[2]
+    reference_side = pipe.config.reference_size // (spatial * p_h)
+    reference_tokens = reference_side * reference_side
+    heads, dim = config.num_attention_heads, config.num_attention_heads * config.attention_head_dim
+    element = torch.finfo(transformer.dtype).bits // 8
+    latents = 4 * batch * config.in_channels * latent_frames * latent_h * latent_w * 4
+    blocks = batch * (tokens + reference_tokens) * (8 * dim + 2 * config.ffn_dim) * element
+    processor = next((m.processor for m in transformer.modules() if hasattr(m, "processor")), None)
+    backend = getattr(processor, "_attention_backend", None)
+    if backend is None:  # dispatch_attention_fn then runs the globally active backend
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+        backend = _AttentionBackendRegistry.get_active_backend()[0]
+    if str(getattr(backend, "value", backend)) == "_native_math":
+        blocks += batch * heads * tokens * (tokens + reference_tokens) * 4
+    decoder_base = getattr(vae.config, "decoder_base_dim", None) or vae.config.base_dim
+    full_channels = decoder_base * vae.config.dim_mult[0]
+    device = pipe._execution_device
+    vae_device = vae.device
+    if any(getattr(vae, hook, None) is not None for hook in ("_hf_hook", "_diffusers_hook")):
+        vae_device = device  # offloaded: its hooks bring it to the execution device to decode
+    per_pixel = 54 if vae_device.type == "cpu" else 12
+    decode = (8 * 3 * num_frames * height * width * 4
+              + temporal * height * width * full_channels * per_pixel * (torch.finfo(vae.dtype).bits // 8))
+
+    def available(device: torch.device) -> int:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return psutil.virtual_memory().available
+
+    gib = 2**30
+    needs = ([(device, latents + max(blocks, decode))] if torch.device(vae_device) == torch.device(device)
+             else [(device, latents + blocks), (vae_device, decode)])
+    for where, needed in needs:
+        if where.type not in ("cpu", "cuda"):
+            continue
+        free = available(where)
+        if needed > free:
+            raise ValueError(
+                f"{width}x{height} with {num_frames} frames needs about {needed / gib:.2f} GiB at its peak on {where} "
+                f"(transformer {blocks / gib:.2f} GiB for {tokens} tokens, VAE decode {decode / gib:.2f} GiB), "
+                f"{free / gib:.2f} GiB available: generate a smaller or shorter video")
+
+
 class StandInPipeline(WanPipeline):
     def __init__(self, tokenizer, text_encoder, vae, scheduler, transformer=None, transformer_2=None,
                  boundary_ratio: float | None = None, expand_timesteps: bool = False,
@@ -149,6 +239,7 @@ class StandInPipeline(WanPipeline):
         step = self.vae_scale_factor_temporal
         if num_frames < 1 or (num_frames - 1) % step:
             raise ValueError(f"num_frames must be {step}k+1 (e.g. 81, 49, 17), got {num_frames}")
+        check_memory(self, height, width, num_frames)
 
     def _set_timesteps(self, num_inference_steps: int, device) -> torch.Tensor:
         if isinstance(self.scheduler, FlowMatchEulerDiscreteScheduler):

@@ -44,7 +44,8 @@ def add_parser(subparsers) -> None:
                        "from standin-mini)")
     train.add_argument("-o", "--output", required=True, help="run folder (checkpoints, log, validation, report)")
     train.add_argument("--resume", action="store_true", help="continue the run in the output folder where its last "
-                       "checkpoint left it (starts afresh if it has none)")
+                       "checkpoint left it (starts afresh if it has none); refused if the data, settings or a "
+                       "--steps below the checkpoint's would not continue that run")
     optim = train.add_argument_group("optimisation")
     optim.add_argument("--steps", type=int, default=c.steps, help="optimizer steps")
     optim.add_argument("--batch-size", type=int, default=c.batch_size, help="clips per process and micro-step")

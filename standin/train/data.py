@@ -56,15 +56,54 @@ def square_reference(image: PIL.Image.Image, size: int) -> PIL.Image.Image:
 
 
 def read_manifest(folder: str | Path) -> dict:
+    """A prepared dataset's manifest, checked: ValueError naming the file (and the clip) when it cannot be used."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
         installed = ", ".join(dataset_names()) or "none installed"
         raise FileNotFoundError(f"{folder} is not a prepared dataset (no {MANIFEST}); make one with "
                                 f"`standin prepare-data`, or use a dataset name ({installed})")
-    manifest = json.loads(path.read_text())
-    if not manifest.get("clips"):
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); run `standin prepare-data` again") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("settings"), dict):
+        raise ValueError(f"{path} is not a `standin prepare-data` manifest (no 'settings')")
+    clips = manifest.get("clips")
+    if not clips:
         raise ValueError(f"{path} lists no usable clips (see its 'skipped' entries for why)")
+    if not isinstance(clips, list) or not all(isinstance(clip, dict) for clip in clips):
+        raise ValueError(f"{path}: 'clips' is not a list of clip entries")
+    for number, clip in enumerate(clips):
+        name = clip.get("id", f"number {number}")
+        if not isinstance(clip.get("caption"), str) or not clip["caption"].strip():
+            raise ValueError(f"{path}: clip {name} has caption {clip.get('caption')!r}, not text")
+        if not isinstance(clip.get("reference"), str):
+            raise ValueError(f"{path}: clip {name} has no 'reference' file")
+        if not isinstance(clip.get("video"), str) and not isinstance(clip.get("latents"), str):
+            raise ValueError(f"{path}: clip {name} has neither a 'video' nor a 'latents' file")
     return manifest
+
+
+def dataset_fingerprint(data: str, mini_length: int) -> dict:
+    """What identifies a run's training data, recorded in its checkpoints so that --resume refuses changed data.
+
+    A prepared folder: its clip count and a SHA-256 of manifest.json's bytes and of each clip file's name and size
+    (the files' contents are not read: that would read the whole dataset; a clip replaced by another of exactly
+    the same size and the same manifest goes unnoticed). A named dataset: its name and length."""
+    import hashlib
+
+    if is_named_dataset(data):
+        return {"name": str(data), "clips": mini_length}
+    folder = Path(data)
+    manifest = read_manifest(folder)
+    digest = hashlib.sha256((folder / MANIFEST).read_bytes())
+    for clip in manifest["clips"]:
+        for key in ("video", "reference", "latents"):
+            if isinstance(clip.get(key), str):
+                file = folder / clip[key]
+                size = file.stat().st_size if file.is_file() else -1
+                digest.update(f"\0{clip[key]}\0{size}".encode())
+    return {"clips": len(manifest["clips"]), "sha256": digest.hexdigest()}
 
 
 class PreparedDataset(torch.utils.data.Dataset):

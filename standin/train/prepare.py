@@ -20,6 +20,7 @@ manifest (manifest.json) lists the clips and, per skipped video, why.
 
 import json
 import logging
+import math
 import zlib
 from dataclasses import asdict
 from functools import partial
@@ -57,14 +58,27 @@ class Unusable(Exception):
 
 
 def read_caption(video: Path) -> str | None:
+    """The caption of a video from NAME.txt or NAME.json ({"caption": "..."}); None without either. Unusable (the
+    clip is skipped, the reason in the manifest) for an empty caption, a non-text one ({"caption": 5} is not
+    turned into "5"), a file that is not UTF-8 or not a JSON object."""
     text_file, json_file = video.with_suffix(".txt"), video.with_suffix(".json")
     if text_file.is_file():
-        caption = text_file.read_text(encoding="utf-8").strip()
+        try:
+            caption = text_file.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError as error:
+            raise Unusable(f"caption file {text_file.name} is not UTF-8 text ({error})") from None
     elif json_file.is_file():
         try:
-            caption = str(json.loads(json_file.read_text(encoding="utf-8")).get("caption") or "").strip()
-        except (json.JSONDecodeError, AttributeError) as error:
-            raise Unusable(f"caption file {json_file.name} is not a JSON object with a 'caption': {error}")
+            record = json.loads(json_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise Unusable(f"caption file {json_file.name} is not a JSON object with a 'caption': {error}") from None
+        if not isinstance(record, dict) or "caption" not in record:
+            raise Unusable(f"caption file {json_file.name} is not a JSON object with a 'caption'")
+        caption = record["caption"]
+        if not isinstance(caption, str):
+            raise Unusable(f"caption file {json_file.name}: the caption is {type(caption).__name__} {caption!r}, "
+                           "not text")
+        caption = caption.strip()
     else:
         return None
     if not caption:
@@ -217,6 +231,31 @@ def prepare_video(video: Path, name: str, output: Path, settings: PrepareSetting
     return entries
 
 
+SIZE_MULTIPLE = 16  # Wan's VAE (8) times its patch (2): what height and width must be multiples of
+FRAME_STEP = 4  # Wan's VAE compresses 4 frames into one latent frame after the first: frames are 4k+1
+MAX_SIDE = 16384  # as for images (standin.preprocess); far beyond any base's RoPE table
+
+
+def check_settings(settings: PrepareSettings) -> None:
+    """ValueError, one line naming the option, for settings no Wan base can train on (before any work: an odd
+    --height used to write 0-byte clips listed as valid)."""
+    s = settings
+    for option, value in (("--height", s.height), ("--width", s.width)):
+        if not (isinstance(value, int) and 0 < value <= MAX_SIDE and value % SIZE_MULTIPLE == 0):
+            raise ValueError(f"{option} must be a positive multiple of {SIZE_MULTIPLE} (the VAE's 8 times the "
+                             f"patch's 2) up to {MAX_SIDE}, got {value}")
+    if not (isinstance(s.num_frames, int) and s.num_frames >= 1 and (s.num_frames - 1) % FRAME_STEP == 0):
+        raise ValueError(f"--frames must be {FRAME_STEP}k+1 (e.g. 81, 49, 17), got {s.num_frames}")
+    if not (isinstance(s.fps, (int, float)) and math.isfinite(s.fps) and s.fps > 0):
+        raise ValueError(f"--fps must be a positive number, got {s.fps}")
+    for option, value, low in (("--max-clips", s.max_clips, 1), ("--reference-frames", s.reference_frames, 1),
+                               ("--reference-size", s.reference_size, 16)):
+        if not (isinstance(value, int) and value >= low):
+            raise ValueError(f"{option} must be at least {low}, got {value}")
+    if s.reference_size > 4096:
+        raise ValueError(f"--reference-size must be at most 4096, got {s.reference_size}")
+
+
 def prepare_dataset(videos: str | Path, output: str | Path, settings: PrepareSettings | None = None,
                     encode_with: str | None = None, device=None, backend=None, progress: bool = True) -> dict:
     """Prepare every video under `videos` into `output`; return the manifest (also written as manifest.json).
@@ -225,11 +264,10 @@ def prepare_dataset(videos: str | Path, output: str | Path, settings: PrepareSet
     from standin.faces import get_backend
 
     settings = settings or PrepareSettings()
+    check_settings(settings)
     videos, output = Path(videos), Path(output)
     if not videos.is_dir():
         raise FileNotFoundError(f"video folder not found: {videos}")
-    if settings.fps <= 0 or settings.num_frames < 1 or settings.max_clips < 1:
-        raise ValueError("fps, frames and max clips per video must be positive")
     sources = find_videos(videos)
     if not sources:
         raise FileNotFoundError(f"no videos ({', '.join(sorted(VIDEO_SUFFIXES))}) under {videos}")

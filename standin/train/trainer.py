@@ -15,8 +15,11 @@ FSDP2 sharding with --fsdp, see parallel.py). What a step computes depends only 
 import dataclasses
 import json
 import logging
+import shutil
 import time
+import weakref
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,8 +28,8 @@ from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from standin.checkpoint import load_adapter, save_adapter
-from standin.io import save_text
+from standin.checkpoint import AdapterFileError, load_adapter, save_adapter
+from standin.io import atomic_write, save_text
 from standin.models import StandInAdapter, StandInModel
 from standin.train import checkpoints, parallel
 from standin.train.config import TrainConfig
@@ -35,6 +38,7 @@ from standin.train.data import (
     PromptEncoder,
     SampleStream,
     StepBatches,
+    dataset_fingerprint,
     is_named_dataset,
     named_dataset,
     position_seed,
@@ -67,19 +71,31 @@ class Trainer:
         self.is_main = accelerator.is_main_process
         self.run_dir = Path(config.output)
         self._check_config()
+        self.lock = None
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-
-        global_batch = config.batch_size * accelerator.num_processes * config.grad_accum
-        self.defining = config.defining(global_batch)
-        self.resumed_from = self._resume_folder()
-        state = checkpoints.read_training_state(self.resumed_from) if self.resumed_from else None
-        if state is not None:
-            self._check_unchanged(state["config"])
-        self.start_step = state["step"] if state else 0
-        self._load_models()
-        self._load_data()
-        self._build_optimizer(state)
+            # One run per folder: a second `standin train` into it stops here, before it reads or writes anything.
+            self.lock = checkpoints.RunLock(self.run_dir).acquire()
+            if self.lock.took_over is not None:
+                logger.warning("took over the lock of process %s, which is no longer running (a killed run)",
+                               self.lock.took_over.get("pid"))
+            weakref.finalize(self, self.lock.release)  # a Trainer dropped without train() frees the folder too
+        try:
+            global_batch = config.batch_size * accelerator.num_processes * config.grad_accum
+            self.defining = self._normalized(config.defining(global_batch))
+            self.data_fingerprint = dataset_fingerprint(config.data, config.mini_length)
+            self.resumed_from = self._resume_folder()
+            state = checkpoints.read_training_state(self.resumed_from) if self.resumed_from else None
+            if state is not None:
+                self._check_resumable(state)
+            self.start_step = state["step"] if state else 0
+            self._load_models()
+            self._load_data()
+            self._build_optimizer(state)
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release()
+            raise
 
     # ---- setup ----------------------------------------------------------------------------------------------
     def _check_config(self) -> None:
@@ -96,12 +112,49 @@ class Trainer:
 
     def _resume_folder(self) -> Path | None:
         latest = checkpoints.latest_checkpoint(self.run_dir)
+        finished = [name for name in ("report.json", checkpoints.ADAPTER_FILE) if (self.run_dir / name).exists()]
+        if latest is None and finished:  # a finished run whose checkpoints are gone: a new run would replace it
+            raise FileExistsError(f"{self.run_dir} holds a run's {' and '.join(finished)} but no checkpoint to resume "
+                                  "from; choose another output folder (or move those files away)")
         if latest is not None and not self.config.resume:
             raise FileExistsError(f"{self.run_dir} already holds a run (checkpoint {latest.name}); pass --resume to "
                                   "continue it, or choose another output folder")
         return latest if self.config.resume else None
 
+    @staticmethod
+    def _normalized(defining: dict) -> dict:
+        """base and data as absolute resolved paths where they are local folders (not hub ids or dataset names),
+        so that the same folder given relative or absolute, or through a link, is the same setting."""
+        normalized = dict(defining)
+        for key in ("base", "data"):
+            value = normalized.get(key)
+            if isinstance(value, str) and not (key == "data" and is_named_dataset(value)) and Path(value).exists():
+                normalized[key] = str(Path(value).resolve())
+        return normalized
+
+    def _check_resumable(self, state: dict) -> None:
+        """Refuse a resume that would not continue the checkpoint's run: fewer steps than it has done, other
+        settings, other data."""
+        c, step, folder = self.config, state["step"], self.resumed_from
+        if c.steps < step:
+            raise ValueError(f"--steps {c.steps} is below the step of the checkpoint to resume ({folder}, step "
+                             f"{step}): a run cannot be shortened; pass --steps {step} or more, or choose another "
+                             "output folder")
+        self._check_unchanged(state["config"])
+        saved = state.get("data") if isinstance(state.get("data"), dict) else {}
+        fingerprint = saved.get("fingerprint")
+        then = (fingerprint or {}).get("clips", saved.get("dataset_size"))
+        now = self.data_fingerprint["clips"]
+        if then is not None and then != now:
+            raise ValueError(f"--resume with changed data: {c.data} had {then} clips at {folder.name}, it has {now} "
+                             "now; resume with the run's own data, or start a new run in another output folder")
+        if fingerprint is not None and fingerprint != self.data_fingerprint:
+            raise ValueError(f"--resume with changed data: the manifest or the clip files of {c.data} changed since "
+                             f"{folder.name} (same number of clips, {now}, but other contents); resume with the run's "
+                             "own data, or start a new run in another output folder")
+
     def _check_unchanged(self, saved: dict) -> None:
+        saved = self._normalized(saved)
         changed = {k: (saved.get(k), v) for k, v in self.defining.items() if saved.get(k) != v}
         if changed:
             raise ValueError("--resume with settings that change what the run computes: "
@@ -119,7 +172,10 @@ class Trainer:
             raise ValueError("this base has two experts (Wan2.2); training supports one-transformer bases (Wan2.1)")
         torch.manual_seed(c.seed)  # the same initial adapter in every process (FSDP does not broadcast it)
         if self.resumed_from is not None:
-            adapter = load_adapter(self.resumed_from / checkpoints.ADAPTER_FILE, self.pipe.transformer)
+            try:
+                adapter = load_adapter(self.resumed_from / checkpoints.ADAPTER_FILE, self.pipe.transformer)
+            except AdapterFileError as error:
+                raise checkpoints.damaged(self.resumed_from, checkpoints.ADAPTER_FILE, str(error)) from None
         else:
             adapter = StandInAdapter.for_transformer(self.pipe.transformer, c.rank, attention=c.attention,
                                                      positions=c.positions)
@@ -154,6 +210,11 @@ class Trainer:
                                  c.width or settings["width"])
         self.fps = settings["fps"]
         self.clip_size = (frames, height, width)
+        try:  # validation generates at this size: refuse it now, not after hours of training
+            self.pipe.check_sizes(height, width, frames)
+        except ValueError as error:
+            raise ValueError(f"clip size {width}x{height}, {frames} frames (--width/--height/--frames, or the "
+                             f"dataset's): {error}") from None
         self.dataset_size = len(dataset)
 
         # The text encoder runs every step only for pixel data. For pre-encoded data it stays on the CPU, encodes
@@ -196,9 +257,14 @@ class Trainer:
                                           num_training_steps=c.steps)
         if state is None:
             return
-        parallel.load_optimizer_state(self.model, self.optimizer, state["optimizer"], sharded=c.fsdp)
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        checkpoints.restore_rng_states(state["rng"])
+        try:
+            parallel.load_optimizer_state(self.model, self.optimizer, state["optimizer"], sharded=c.fsdp)
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+            checkpoints.restore_rng_states(state["rng"])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as error:
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise checkpoints.damaged(self.resumed_from, checkpoints.STATE_FILE,
+                                      f"its optimizer, schedule or RNG state does not load: {reason}") from None
 
     # ---- one step -------------------------------------------------------------------------------------------
     def model_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -267,7 +333,8 @@ class Trainer:
             training_state = {
                 "step": step, "optimizer": optimizer_state, "lr_scheduler": self.lr_scheduler.state_dict(),
                 "rng": checkpoints.rng_states(), "config": self.defining,
-                "data": {"samples_seen": step * self.batches.global_batch, "dataset_size": self.dataset_size},
+                "data": {"samples_seen": step * self.batches.global_batch, "dataset_size": self.dataset_size,
+                         "fingerprint": self.data_fingerprint},
             }
             adapter = self.model.adapter
             metadata = {"base": self.config.base, "data": self.config.data, "attention": adapter.attention,
@@ -303,7 +370,8 @@ class Trainer:
                     record = json.loads(line)
                 except json.JSONDecodeError:  # the line a kill cut short
                     continue
-                if record["step"] <= self.start_step:
+                step = record.get("step") if isinstance(record, dict) else None
+                if isinstance(step, int) and step <= self.start_step:
                     kept.append(line + "\n")
         save_text("".join(kept), path)
         return path
@@ -320,8 +388,21 @@ class Trainer:
         c = self.config
         metrics, log_handler = None, self._log_to_file() if self.is_main else None
         try:
+            if self.lock is not None and self.lock.took_over is not None:
+                logger.warning("took over the run folder's lock %s from process %s (started %s), which is no "
+                               "longer running", self.lock.path, self.lock.took_over.get("pid"),
+                               self.lock.took_over.get("started", "?"))
             if self.resumed_from is not None:
                 logger.info("resumed from %s at step %d", self.resumed_from, self.start_step)
+            if self.is_main and self.start_step == c.steps and not (self.run_dir / checkpoints.ADAPTER_FILE).exists():
+                # resumed at exactly its last checkpoint (a shorter target than first planned): the run's adapter
+                atomic_write(self.run_dir / checkpoints.ADAPTER_FILE, partial(
+                    shutil.copyfile, self.resumed_from / checkpoints.ADAPTER_FILE))
+            finished = self._finished_report()
+            if finished is not None:
+                logger.info("the run is already at step %d of %d: nothing to do; report.json left as it is",
+                            self.start_step, c.steps)
+                return finished if self.is_main else None
             logger.info("config %s; %d processes, global batch %d, %d clips%s", json.dumps(dataclasses.asdict(c)),
                         self.accelerator.num_processes, self.batches.global_batch, self.dataset_size,
                         " (pre-encoded)" if self.pre_encoded else "")
@@ -348,6 +429,8 @@ class Trainer:
                 if self.val_cases and (done == c.steps or (c.validate_every and done % c.validate_every == 0)):
                     validation = self.validate(done)
             bar.close()
+            if self.start_step == c.steps and self.val_cases:  # finished, but the report was never written
+                validation = self.validate(c.steps)
             seconds = time.perf_counter() - started
             report = self.report(losses, validation, seconds)
             if self.is_main:
@@ -361,6 +444,20 @@ class Trainer:
             if log_handler is not None:
                 logger.removeHandler(log_handler)
                 log_handler.close()
+            if self.lock is not None:
+                self.lock.release()
+
+    def _finished_report(self) -> dict | None:
+        """The report of a run resumed at its last step, if it has one: it is returned, never rewritten (a
+        resume that ran nothing has no losses to report). None when there are steps to run, or no report yet (a
+        kill after the last checkpoint, during the final validation: the run then validates and reports)."""
+        if self.start_step < self.config.steps:
+            return None
+        try:
+            report = json.loads((self.run_dir / "report.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            return None
+        return report if isinstance(report, dict) and report.get("steps") == self.config.steps else None
 
     def report(self, losses: list[float], validation: list[dict] | None, seconds: float) -> dict:
         c, steps = self.config, len(losses)
