@@ -232,14 +232,14 @@ class StandInPipeline(WanPipeline):
         return normalize_latents(self.vae, self.vae.encode(pixels).latent_dist.mean)
 
     # ---- generation -----------------------------------------------------------------------------------------
-    def check_sizes(self, height: int, width: int, num_frames: int) -> None:
+    def check_sizes(self, height: int, width: int, num_frames: int, batch: int = 1) -> None:
         multiple = self.vae_scale_factor_spatial * self._experts()["transformer"].config.patch_size[1]
         if height <= 0 or width <= 0 or height % multiple or width % multiple:
             raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}x{width}")
         step = self.vae_scale_factor_temporal
         if num_frames < 1 or (num_frames - 1) % step:
             raise ValueError(f"num_frames must be {step}k+1 (e.g. 81, 49, 17), got {num_frames}")
-        check_memory(self, height, width, num_frames)
+        check_memory(self, height, width, num_frames, batch)
 
     def _set_timesteps(self, num_inference_steps: int, device) -> torch.Tensor:
         if isinstance(self.scheduler, FlowMatchEulerDiscreteScheduler):
@@ -343,7 +343,12 @@ class StandInPipeline(WanPipeline):
                 f"a reference image needs a Stand-In adapter for each expert {sorted(experts)}; "
                 f"loaded: {sorted(self.adapters)} (call load_standin_adapter)"
             )
-        self.check_sizes(height, width, num_frames)
+        # The batch the transformer sees: every video, twice where both guidance branches share one forward (with
+        # "auto" on a GPU the loop falls back to one branch at a time when memory runs out).
+        prompts = prompt_embeds.shape[0] if prompt_embeds is not None else 1 if isinstance(prompt, str) else len(prompt or [])
+        batched = guidance_scale > 1.0 and (batch_guidance is True or (
+            batch_guidance == "auto" and self._execution_device.type != "cuda"))
+        self.check_sizes(height, width, num_frames, max(1, prompts) * num_videos_per_prompt * (1 + batched))
         self.check_inputs(prompt, negative_prompt if prompt_embeds is None else None, height, width, prompt_embeds,
                           negative_prompt_embeds, callback_on_step_end_tensor_inputs, guidance_scale_2)
         self._guidance_scale = guidance_scale
