@@ -345,7 +345,8 @@ class StandInPipeline(WanPipeline):
             )
         # The batch the transformer sees: every video, twice where both guidance branches share one forward (with
         # "auto" on a GPU the loop falls back to one branch at a time when memory runs out).
-        prompts = prompt_embeds.shape[0] if prompt_embeds is not None else 1 if isinstance(prompt, str) else len(prompt or [])
+        prompts = (prompt_embeds.shape[0] if prompt_embeds is not None
+                   else 1 if isinstance(prompt, str) else len(prompt or []))
         batched = guidance_scale > 1.0 and (batch_guidance is True or (
             batch_guidance == "auto" and self._execution_device.type != "cuda"))
         self.check_sizes(height, width, num_frames, max(1, prompts) * num_videos_per_prompt * (1 + batched))
