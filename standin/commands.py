@@ -44,8 +44,8 @@ def add_parser(subparsers) -> None:
     generate.add_argument("--height", type=int, help="video height in pixels (default: the base's)")
     generate.add_argument("--width", type=int, help="video width in pixels (default: the base's)")
     generate.add_argument("--frames", type=int, help="number of frames, 4k+1 for Wan (default: the base's)")
-    generate.add_argument("--steps", type=int, default=20, help="denoising steps (default: %(default)s)")
-    generate.add_argument("--guidance", type=float, default=5.0,
+    generate.add_argument("--steps", type=int, default=GENERATE_DEFAULTS["steps"], help="denoising steps (default: %(default)s)")
+    generate.add_argument("--guidance", type=float, default=GENERATE_DEFAULTS["guidance"],
                           help="text guidance scale; 1 turns guidance off (default: %(default)s)")
     generate.add_argument("--seed", type=int, default=0, help="random seed of the initial noise (default: %(default)s)")
     generate.add_argument("--fps", type=int, help="playback rate of the video (default: the base's)")
@@ -55,6 +55,16 @@ def add_parser(subparsers) -> None:
                           "first (Wan does; the mini model's references are drawn cropped already)")
     generate.add_argument("--no-cache", action="store_true", help="recompute the reference stream every forward")
     generate.add_argument("--sequential-guidance", action="store_true", help="run guidance branches one by one")
+    generate.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                          help="a LoRA on the base (diffusers / PEFT, `diffusion_model.` community, kohya "
+                          "`lora_unet_` or lightx2v format), at SCALE (default 1); repeatable. It acts on the video "
+                          "and the reference alike, as the published scripts' merged LoRA. For Wan2.2 this is the "
+                          "high-noise expert's")
+    generate.add_argument("--lora-low", action="append", metavar="FILE[:SCALE]",
+                          help="Wan2.2 only: a LoRA for the low-noise expert; repeatable")
+    generate.add_argument("--preset", choices=("lightx2v",),
+                          help="sampler settings of a few-step distillation LoRA: lightx2v = 4 steps, guidance 1, "
+                          "shift 5 (lightx2v's distill configs); a --steps / --guidance other than the default wins")
     generate.add_argument("--parallel", choices=("ulysses", "ring"),
                           help="context parallelism: one video over all processes of `torchrun --nproc_per_node N "
                           "-m standin.cli generate ...` (diffusers' Ulysses or ring attention; rank 0 writes)")
@@ -64,6 +74,9 @@ def add_parser(subparsers) -> None:
     converter.add_argument("source", help="the adapter file: official .ckpt, or a safetensors file")
     converter.add_argument("-o", "--output", required=True, help="output .safetensors")
     converter.set_defaults(func=run_convert)
+
+
+GENERATE_DEFAULTS = {"steps": 20, "guidance": 5.0}  # what --preset replaces when they are not given
 
 
 class NoDefaultModelError(Exception):
@@ -122,7 +135,17 @@ def run_generate(args) -> int:
         return fail(device_error(args.device))
 
     from standin.checkpoint import AdapterFileError
+    from standin.lora import LoraFileError, parse_lora_argument
     from standin.video import companion_paths
+
+    try:
+        loras = [parse_lora_argument(text) for text in args.lora or []]
+        loras_low = [parse_lora_argument(text) for text in args.lora_low or []]
+    except ValueError as error:
+        return fail(str(error))
+    for path, _ in loras + loras_low:
+        if not Path(path).is_file():
+            return fail(f"LoRA file not found: {path}")
 
     references = args.reference or []
     reference_path, sheet_path = companion_paths(output)
@@ -141,7 +164,8 @@ def run_generate(args) -> int:
             # The base alone suffices without a reference; the adapter is required (and checked) with one.
             adapter = model["adapter"] if references else None
         check_outputs([output, *reference_paths, sheet_path],
-                      [*(("reference", r) for r in references), ("adapter", adapter), ("adapter", adapter_low)])
+                      [*(("reference", r) for r in references), ("adapter", adapter), ("adapter", adapter_low),
+                       *(("LoRA", path) for path, _ in loras + loras_low)])
         import torch
 
         from standin.loading import load_pipeline
@@ -160,14 +184,32 @@ def run_generate(args) -> int:
             for transformer in (pipe.transformer, getattr(pipe, "transformer_2", None)):
                 if transformer is not None:
                     transformer.enable_parallelism(config=config)
+        if loras:
+            from standin.lora import load_loras
+
+            load_loras(pipe, loras)
+        if loras_low:
+            from standin.lora import load_loras
+
+            load_loras(pipe, loras_low, "transformer_2")
+        steps, guidance = args.steps, args.guidance
+        if args.preset:
+            from standin.lora import apply_preset
+
+            settings = apply_preset(pipe, args.preset)
+            # The preset's values unless given on the command line (a value other than the parser's default).
+            if steps == GENERATE_DEFAULTS["steps"]:
+                steps = settings["num_inference_steps"]
+            if guidance == GENERATE_DEFAULTS["guidance"]:
+                guidance = settings["guidance_scale"]
         extra = {} if args.negative_prompt is None else {"negative_prompt": args.negative_prompt}
         started = time.perf_counter()
         # Sizes, fps and reference preprocessing: what the base records in its config, unless asked otherwise.
         result = pipe(
             prompt=args.prompt, reference_image=references[0] if len(references) == 1 else references or None,
             reference_guidance=args.reference_guidance, reference_guidance_steps=args.reference_guidance_steps,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance, generator=torch.Generator().manual_seed(args.seed),
+            num_inference_steps=steps,
+            guidance_scale=guidance, generator=torch.Generator().manual_seed(args.seed),
             height=args.height, width=args.width, num_frames=args.frames,
             preprocess_reference=False if args.no_preprocess else None, cache_reference=not args.no_cache,
             batch_guidance=not args.sequential_guidance, **extra,
@@ -183,7 +225,7 @@ def run_generate(args) -> int:
         for image, path in zip(seen, reference_paths):
             save_image(image, path)
         save_image(contact_sheet(frames), sheet_path)
-    except (OSError, ValueError, NoDefaultModelError, AdapterFileError) as error:
+    except (OSError, ValueError, NoDefaultModelError, AdapterFileError, LoraFileError) as error:
         return fail(str(error))
     written = [str(p) for p in reference_paths[:len(references)]]
     print(json.dumps({"video": str(output), "reference": written[0] if written else None, "references": written,
