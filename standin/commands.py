@@ -65,6 +65,14 @@ def add_parser(subparsers) -> None:
     generate.add_argument("--preset", choices=("lightx2v",),
                           help="sampler settings of a few-step distillation LoRA: lightx2v = 4 steps, guidance 1, "
                           "shift 5 (lightx2v's distill configs); a --steps / --guidance other than the default wins")
+    generate.add_argument("--control", metavar="VIDEO",
+                          help="pose / depth control video for a Wan VACE --base (e.g. Wan2.1-VACE-14B-diffusers): "
+                          "its frames, centre-cropped to multiples of 16 px and trimmed to 4k+1 frames, fix the "
+                          "video's size and length (--frames caps the length). The VACE blocks see the video only; "
+                          "Stand-In acts in the main blocks, as in the published implementation")
+    generate.add_argument("--control-scale", type=float, default=0.8,
+                          help="strength of the control hints (VACE's conditioning scale; default: %(default)s, the "
+                          "published infer_with_vace.py's)")
     generate.add_argument("--parallel", choices=("ulysses", "ring"),
                           help="context parallelism: one video over all processes of `torchrun --nproc_per_node N "
                           "-m standin.cli generate ...` (diffusers' Ulysses or ring attention; rank 0 writes)")
@@ -147,6 +155,25 @@ def run_generate(args) -> int:
         if not Path(path).is_file():
             return fail(f"LoRA file not found: {path}")
 
+    control = None
+    if args.control is not None:
+        problem = ("--control needs a Wan VACE --base" if args.base is None else
+                   "--control fixes the size from the control video: drop --height / --width"
+                   if args.height is not None or args.width is not None else
+                   "--reference-guidance is not available with --control" if args.reference_guidance != 1.0 else
+                   "--parallel is not available with --control" if args.parallel else
+                   "several --reference are not available with --control" if len(args.reference or []) > 1 else
+                   f"--control-scale must be a finite number, got {args.control_scale}"
+                   if not abs(args.control_scale) < float("inf") else None)
+        if problem:
+            return fail(problem)
+        from standin.vace import ControlVideoError, read_control_video
+
+        try:
+            control = read_control_video(args.control, max_frames=args.frames)
+        except ControlVideoError as error:
+            return fail(str(error))
+
     references = args.reference or []
     reference_path, sheet_path = companion_paths(output)
     # Several references: NAME.reference-1.png, NAME.reference-2.png, ... (standin eval pairs one reference only).
@@ -165,7 +192,7 @@ def run_generate(args) -> int:
             adapter = model["adapter"] if references else None
         check_outputs([output, *reference_paths, sheet_path],
                       [*(("reference", r) for r in references), ("adapter", adapter), ("adapter", adapter_low),
-                       *(("LoRA", path) for path, _ in loras + loras_low)])
+                       *(("LoRA", path) for path, _ in loras + loras_low), ("control video", args.control)])
         import torch
 
         from standin.loading import load_pipeline
@@ -175,7 +202,12 @@ def run_generate(args) -> int:
         device = args.device
         if args.parallel:
             device = start_context_parallel(device)
-        pipe = load_pipeline(base, adapter, adapter_low, device=device, dtype=dtype)
+        if control is not None:
+            from standin.vace import load_vace_pipeline
+
+            pipe = load_vace_pipeline(base, adapter, adapter_low, device=device, dtype=dtype)
+        else:
+            pipe = load_pipeline(base, adapter, adapter_low, device=device, dtype=dtype)
         if args.parallel:
             from diffusers import ContextParallelConfig
 
@@ -205,15 +237,29 @@ def run_generate(args) -> int:
         extra = {} if args.negative_prompt is None else {"negative_prompt": args.negative_prompt}
         started = time.perf_counter()
         # Sizes, fps and reference preprocessing: what the base records in its config, unless asked otherwise.
-        result = pipe(
-            prompt=args.prompt, reference_image=references[0] if len(references) == 1 else references or None,
-            reference_guidance=args.reference_guidance, reference_guidance_steps=args.reference_guidance_steps,
-            num_inference_steps=steps,
-            guidance_scale=guidance, generator=torch.Generator().manual_seed(args.seed),
-            height=args.height, width=args.width, num_frames=args.frames,
-            preprocess_reference=False if args.no_preprocess else None, cache_reference=not args.no_cache,
-            batch_guidance=not args.sequential_guidance, **extra,
-        )
+        if control is not None:
+            from standin.pipeline import WAN_NEGATIVE_PROMPT
+            from standin.vace import control_frames_as_images
+
+            result = pipe(
+                prompt=args.prompt, negative_prompt=extra.get("negative_prompt", WAN_NEGATIVE_PROMPT),
+                video=control_frames_as_images(control), conditioning_scale=args.control_scale,
+                height=control.shape[1], width=control.shape[2], num_frames=len(control),
+                num_inference_steps=steps, guidance_scale=guidance,
+                generator=torch.Generator().manual_seed(args.seed),
+                reference_image=references[0] if references else None,
+                preprocess_reference=False if args.no_preprocess else None, cache_reference=not args.no_cache,
+            )
+        else:
+            result = pipe(
+                prompt=args.prompt, reference_image=references[0] if len(references) == 1 else references or None,
+                reference_guidance=args.reference_guidance, reference_guidance_steps=args.reference_guidance_steps,
+                num_inference_steps=steps,
+                guidance_scale=guidance, generator=torch.Generator().manual_seed(args.seed),
+                height=args.height, width=args.width, num_frames=args.frames,
+                preprocess_reference=False if args.no_preprocess else None, cache_reference=not args.no_cache,
+                batch_guidance=not args.sequential_guidance, **extra,
+            )
         from standin.io import save_image
         from standin.video import contact_sheet, save_video
 
