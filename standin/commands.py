@@ -44,7 +44,8 @@ def add_parser(subparsers) -> None:
     generate.add_argument("--height", type=int, help="video height in pixels (default: the base's)")
     generate.add_argument("--width", type=int, help="video width in pixels (default: the base's)")
     generate.add_argument("--frames", type=int, help="number of frames, 4k+1 for Wan (default: the base's)")
-    generate.add_argument("--steps", type=int, default=GENERATE_DEFAULTS["steps"], help="denoising steps (default: %(default)s)")
+    generate.add_argument("--steps", type=int, default=GENERATE_DEFAULTS["steps"],
+                          help="denoising steps (default: %(default)s)")
     generate.add_argument("--guidance", type=float, default=GENERATE_DEFAULTS["guidance"],
                           help="text guidance scale; 1 turns guidance off (default: %(default)s)")
     generate.add_argument("--seed", type=int, default=0, help="random seed of the initial noise (default: %(default)s)")

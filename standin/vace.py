@@ -136,8 +136,9 @@ class StandInVACEPipeline(WanVACEPipeline):
                 num_frames = kwargs.get("num_frames", 81)
                 for name, model in experts.items():
                     p_t, p_h, p_w = model.config.patch_size
+                    spatial = self.vae_scale_factor_spatial
                     grid = (((num_frames - 1) // self.vae_scale_factor_temporal + 1) // p_t,
-                            height // self.vae_scale_factor_spatial // p_h, width // self.vae_scale_factor_spatial // p_w)
+                            height // spatial // p_h, width // spatial // p_w)
                     adapter = self.adapters[name].to(model.patch_embedding.weight.device)
                     cache = cache_reference and adapter.attention == "restricted"
                     stack.enter_context(reference_stream(model, adapter, latents.to(model.device), grid, cache))
