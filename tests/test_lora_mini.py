@@ -13,7 +13,7 @@ from standin_mini.style_lora import stylize, style_strength  # noqa: E402
 def test_the_style_is_detected_on_world_clips():
     from standin_mini.data import make_clip
 
-    frames = make_clip(5, "A woman waves on a beach at noon.", 5, (64, 64), seed=0).frames
+    frames = make_clip(5, "A man waves on a beach at noon.", 5, (64, 64), seed=0).frames
     plain, styled = style_strength(frames), style_strength(stylize(frames))
     assert styled - plain > 0.2
     assert stylize(frames).dtype == np.uint8 and stylize(frames).shape == frames.shape
