@@ -131,6 +131,7 @@ def evaluate(lora: str, out: str, base: str | None = None, adapter: str | None =
     from standin.loading import load_pipeline
     from standin.lora import load_loras
     from standin.video import to_uint8
+    from standin_mini.data import make_clip
     from standin_mini.evaluate import held_out_cases
     from standin_mini.identity import MiniFaceBackend
     from standin_mini.model import embedded_model
@@ -143,8 +144,51 @@ def evaluate(lora: str, out: str, base: str | None = None, adapter: str | None =
     backend = MiniFaceBackend()
     frames_count, height, width = size
     rows: dict[str, list] = {}
+    world = {"world": [], "world styled": []}  # the world's own renders, plain and styled
     started = time.perf_counter()
+    out = Path(out)
+    order = ["base", *[f"lora@{s:g}" for s in scales], "standin", *[f"both@{s:g}" for s in scales]]
+
+    def write(done: int) -> str:
+        """The table over the clips done so far (written after every clip: a long run can be read midway)."""
+        summary = {}
+        for name, values in rows.items():
+            # Stand-In's gain: over the same LoRA scale without a reference (the base for "standin").
+            baseline = rows[name.replace("both", "lora") if name.startswith("both") else "base"]
+            sims = [r["face_sim"] for r in values if r["face_sim"] is not None]
+            gains = [r["face_sim"] - b["face_sim"] for r, b in zip(values, baseline)
+                     if r["face_sim"] is not None and b["face_sim"] is not None]
+            enough = len(gains) > 1
+            summary[name] = {"style": float(np.mean([r["style"] for r in values])),
+                             "style_sd": float(np.std([r["style"] for r in values], ddof=1)) if enough else 0.0,
+                             "face_sim": float(np.mean(sims)) if sims else None,
+                             "face_rate": float(np.mean([r["face_rate"] for r in values])),
+                             "gain": float(np.mean(gains)) if enough else None,
+                             "gain_ci95": float(1.96 * np.std(gains, ddof=1) / np.sqrt(len(gains))) if enough else None}
+        lines = ["| variant | style strength (blue - red) | FaceSim | Stand-In gain over the same LoRA scale "
+                 "without reference, 95% CI | face rate |", "| --- | --- | --- | --- | --- |"]
+        for name, values in world.items():
+            lines.append(f"| {name} (render, no model) | {np.mean(values):.3f} | | | |")
+        for name in order:
+            s = summary[name]
+            shown = name.startswith(("both", "standin")) and s["gain"] is not None
+            gain = f"{s['gain']:+.3f} +- {s['gain_ci95']:.3f}" if shown else ""
+            sim = f"{s['face_sim']:.3f}" if s["face_sim"] is not None else "-"
+            style = f"{s['style']:.3f} (sd {s['style_sd']:.3f})"
+            lines.append(f"| {name} | {style} | {sim} | {gain} | {s['face_rate']:.3f} |")
+        text = "\n".join(lines)
+        report = {"lora": lora, "count": count, "done": done, "scales": list(scales), "steps": steps,
+                  "guidance": guidance, "seed": seed, "size": list(size), "face_frames": face_frames,
+                  "seconds": round(time.perf_counter() - started, 1), "summary": summary,
+                  "world": {k: float(np.mean(v)) for k, v in world.items()}, "clips": rows}
+        save_text(json.dumps(report, indent=2), out.with_suffix(".json"))
+        save_text(text + "\n", out.with_suffix(".md"))
+        return text
+
     for index, identity_id, prompt, reference in held_out_cases(count, pipe.config.reference_size, seed):
+        rendered = make_clip(identity_id, prompt, frames_count, (height, width), seed=index).frames
+        world["world"].append(style_strength(rendered))
+        world["world styled"].append(style_strength(stylize(rendered)))
         for scale in (0.0, *scales):
             pipe.set_adapters(names, [scale])
             for with_reference in (False, True):
@@ -163,50 +207,10 @@ def evaluate(lora: str, out: str, base: str | None = None, adapter: str | None =
                 rows.setdefault(name, []).append({"identity": identity_id, "prompt": str(prompt),
                                                   "style": style_strength(frames), "face_sim": scores.face_sim,
                                                   "face_rate": scores.face_rate})
+        text = write(index + 1)
         print(f"{index + 1}/{count} clips, {time.perf_counter() - started:.0f} s", flush=True)
-    # The world's own renders, plain and styled: where the style statistic sits for each.
-    world = {"world": [], "world styled": []}
-    from standin_mini.data import make_clip
-
-    for index, identity_id, prompt, reference in held_out_cases(count, pipe.config.reference_size, seed):
-        frames = make_clip(identity_id, prompt, frames_count, (height, width), seed=index).frames
-        world["world"].append(style_strength(frames))
-        world["world styled"].append(style_strength(stylize(frames)))
-    summary = {}
-    for name, values in rows.items():
-        # Stand-In's gain: over the same LoRA scale without a reference (the base for "standin").
-        baseline = rows[name.replace("both", "lora") if name.startswith("both") else "base"]
-        sims = [r["face_sim"] for r in values if r["face_sim"] is not None]
-        gains = [r["face_sim"] - b["face_sim"] for r, b in zip(values, baseline)
-                 if r["face_sim"] is not None and b["face_sim"] is not None]
-        enough = len(gains) > 1
-        summary[name] = {"style": float(np.mean([r["style"] for r in values])),
-                         "style_sd": float(np.std([r["style"] for r in values], ddof=1)),
-                         "face_sim": float(np.mean(sims)) if sims else None,
-                         "face_rate": float(np.mean([r["face_rate"] for r in values])),
-                         "gain": float(np.mean(gains)) if enough else None,
-                         "gain_ci95": float(1.96 * np.std(gains, ddof=1) / np.sqrt(len(gains))) if enough else None}
-    order = ["base", *[f"lora@{s:g}" for s in scales], "standin", *[f"both@{s:g}" for s in scales]]
-    lines = ["| variant | style strength (blue - red) | FaceSim | Stand-In gain over the same LoRA scale without "
-             "reference, 95% CI | face rate |", "| --- | --- | --- | --- | --- |"]
-    for name, values in world.items():
-        lines.append(f"| {name} (render, no model) | {np.mean(values):.3f} | | | |")
-    for name in order:
-        s = summary[name]
-        shown = name.startswith(("both", "standin")) and s["gain"] is not None
-        gain = f"{s['gain']:+.3f} +- {s['gain_ci95']:.3f}" if shown else ""
-        sim = f"{s['face_sim']:.3f}" if s["face_sim"] is not None else "-"
-        lines.append(f"| {name} | {s['style']:.3f} +- {s['style_sd']:.3f} | {sim} | {gain} | {s['face_rate']:.3f} |")
-    text = "\n".join(lines)
-    report = {"lora": lora, "count": count, "scales": list(scales), "steps": steps, "guidance": guidance, "seed": seed,
-              "face_frames": face_frames,
-              "seconds": round(time.perf_counter() - started, 1), "summary": summary,
-              "world": {k: float(np.mean(v)) for k, v in world.items()}, "clips": rows}
-    out = Path(out)
-    save_text(json.dumps(report, indent=2), out.with_suffix(".json"))
-    save_text(text + "\n", out.with_suffix(".md"))
     print(text)
-    return report
+    return json.loads(out.with_suffix(".json").read_text())
 
 
 def main(argv=None) -> int:
@@ -229,12 +233,16 @@ def main(argv=None) -> int:
     evaluator.add_argument("--steps", type=int, default=20)
     evaluator.add_argument("--guidance", type=float, default=1.0)
     evaluator.add_argument("--face-frames", type=int, default=17, help="frames FaceSim looks at (evenly spaced)")
+    evaluator.add_argument("--frames", type=int, default=17, help="frames per generated clip (4k+1)")
+    evaluator.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy machine)")
     args = parser.parse_args(argv)
     if args.command == "train":
         train(args.out, args.base, args.clips, args.steps, args.batch, args.rank, args.lr, frames=args.frames)
     else:
+        if args.threads:
+            torch.set_num_threads(args.threads)
         evaluate(args.lora, args.out, count=args.count, scales=args.scales, steps=args.steps, guidance=args.guidance,
-                 face_frames=args.face_frames)
+                 size=(args.frames, 64, 64), face_frames=args.face_frames)
     return 0
 
 
