@@ -44,9 +44,10 @@ def control(frames=5, size=(32, 32), seed=0):
 
 def call_args(**extra):
     noise = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(3))
-    return dict(prompt="a man waves", negative_prompt="blurry", video=control(), conditioning_scale=0.7, height=32,
+    args = dict(prompt="a man waves", negative_prompt="blurry", video=control(), conditioning_scale=0.7, height=32,
                 width=32, num_frames=5, num_inference_steps=3, guidance_scale=4.0, latents=noise,
-                output_type="latent", **extra)
+                output_type="latent")
+    return {**args, **extra}
 
 
 def test_without_a_reference_it_is_wan_vace_pipeline_bit_for_bit():
@@ -152,3 +153,34 @@ def test_bad_control_inputs_fail_in_one_line_and_write_nothing(vace_folder, tmp_
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_lora_on_the_vace_base_composes(tmp_path):
+    from standin.lora import load_loras, set_scales
+    from test_lora import lora_weights, write_lora
+
+    pipe, plain = standin_vace(), standin_vace()
+    path = write_lora(lora_weights(pipe.transformer), tmp_path / "style.safetensors", "community")
+    names = load_loras(pipe, [(path, 0.0)])
+    args = call_args(reference_image=reference_image(), preprocess_reference=False)
+    assert torch.equal(pipe(**args).frames, plain(**args).frames)
+    set_scales(pipe, {names[0]: 1.0})
+    assert not torch.equal(pipe(**args).frames, plain(**args).frames)
+    assert not any(type(block.attn1.to_q).__module__.startswith("peft") for block in pipe.transformer.vace_blocks)
+
+
+def test_two_experts_each_with_its_adapter_and_cache():
+    parts = components()
+    parts["transformer_2"] = tiny_vace(seed=5)
+    pipe = StandInVACEPipeline(**parts, boundary_ratio=0.875, reference_size=32)
+    pipe.set_progress_bar_config(disable=True)
+    for seed, expert in enumerate(("transformer", "transformer_2")):
+        adapter = StandInAdapter.for_transformer(getattr(pipe, expert), rank=4)
+        pipe.set_standin_adapter(randomize_lora_up(adapter, seed=seed), expert)
+    calls = []
+    for name in ("transformer", "transformer_2"):
+        getattr(pipe, name).register_forward_pre_hook(lambda module, args, name=name: calls.append(name))
+    args = call_args(reference_image=reference_image(), preprocess_reference=False, num_inference_steps=4)
+    cached = pipe(**args).frames
+    assert {"transformer", "transformer_2"} <= set(calls)
+    assert torch.equal(cached, pipe(**args, cache_reference=False).frames)
