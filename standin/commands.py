@@ -44,8 +44,9 @@ def add_parser(subparsers) -> None:
     generate.add_argument("--height", type=int, help="video height in pixels (default: the base's)")
     generate.add_argument("--width", type=int, help="video width in pixels (default: the base's)")
     generate.add_argument("--frames", type=int, help="number of frames, 4k+1 for Wan (default: the base's)")
-    generate.add_argument("--steps", type=int, default=20, help="denoising steps (default: %(default)s)")
-    generate.add_argument("--guidance", type=float, default=5.0,
+    generate.add_argument("--steps", type=int, default=GENERATE_DEFAULTS["steps"],
+                          help="denoising steps (default: %(default)s)")
+    generate.add_argument("--guidance", type=float, default=GENERATE_DEFAULTS["guidance"],
                           help="text guidance scale; 1 turns guidance off (default: %(default)s)")
     generate.add_argument("--seed", type=int, default=0, help="random seed of the initial noise (default: %(default)s)")
     generate.add_argument("--fps", type=int, help="playback rate of the video (default: the base's)")
@@ -55,6 +56,24 @@ def add_parser(subparsers) -> None:
                           "first (Wan does; the mini model's references are drawn cropped already)")
     generate.add_argument("--no-cache", action="store_true", help="recompute the reference stream every forward")
     generate.add_argument("--sequential-guidance", action="store_true", help="run guidance branches one by one")
+    generate.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                          help="a LoRA on the base (diffusers / PEFT, `diffusion_model.` community, kohya "
+                          "`lora_unet_` or lightx2v format), at SCALE (default 1); repeatable. It acts on the video "
+                          "and the reference alike, as the published scripts' merged LoRA. For Wan2.2 this is the "
+                          "high-noise expert's")
+    generate.add_argument("--lora-low", action="append", metavar="FILE[:SCALE]",
+                          help="Wan2.2 only: a LoRA for the low-noise expert; repeatable")
+    generate.add_argument("--preset", choices=("lightx2v",),
+                          help="sampler settings of a few-step distillation LoRA: lightx2v = 4 steps, guidance 1, "
+                          "shift 5 (lightx2v's distill configs); a --steps / --guidance other than the default wins")
+    generate.add_argument("--control", metavar="VIDEO",
+                          help="pose / depth control video for a Wan VACE --base (e.g. Wan2.1-VACE-14B-diffusers): "
+                          "its frames, centre-cropped to multiples of 16 px and trimmed to 4k+1 frames, fix the "
+                          "video's size and length (--frames caps the length). The VACE blocks see the video only; "
+                          "Stand-In acts in the main blocks, as in the published implementation")
+    generate.add_argument("--control-scale", type=float, default=0.8,
+                          help="strength of the control hints (VACE's conditioning scale; default: %(default)s, the "
+                          "published infer_with_vace.py's)")
     generate.add_argument("--parallel", choices=("ulysses", "ring"),
                           help="context parallelism: one video over all processes of `torchrun --nproc_per_node N "
                           "-m standin.cli generate ...` (diffusers' Ulysses or ring attention; rank 0 writes)")
@@ -64,6 +83,9 @@ def add_parser(subparsers) -> None:
     converter.add_argument("source", help="the adapter file: official .ckpt, or a safetensors file")
     converter.add_argument("-o", "--output", required=True, help="output .safetensors")
     converter.set_defaults(func=run_convert)
+
+
+GENERATE_DEFAULTS = {"steps": 20, "guidance": 5.0}  # what --preset replaces when they are not given
 
 
 class NoDefaultModelError(Exception):
@@ -122,7 +144,36 @@ def run_generate(args) -> int:
         return fail(device_error(args.device))
 
     from standin.checkpoint import AdapterFileError
+    from standin.lora import LoraFileError, parse_lora_argument
     from standin.video import companion_paths
+
+    try:
+        loras = [parse_lora_argument(text) for text in args.lora or []]
+        loras_low = [parse_lora_argument(text) for text in args.lora_low or []]
+    except ValueError as error:
+        return fail(str(error))
+    for path, _ in loras + loras_low:
+        if not Path(path).is_file():
+            return fail(f"LoRA file not found: {path}")
+
+    control = None
+    if args.control is not None:
+        problem = ("--control needs a Wan VACE --base" if args.base is None else
+                   "--control fixes the size from the control video: drop --height / --width"
+                   if args.height is not None or args.width is not None else
+                   "--reference-guidance is not available with --control" if args.reference_guidance != 1.0 else
+                   "--parallel is not available with --control" if args.parallel else
+                   "several --reference are not available with --control" if len(args.reference or []) > 1 else
+                   f"--control-scale must be a finite number, got {args.control_scale}"
+                   if not abs(args.control_scale) < float("inf") else None)
+        if problem:
+            return fail(problem)
+        from standin.vace import ControlVideoError, read_control_video
+
+        try:
+            control = read_control_video(args.control, max_frames=args.frames)
+        except ControlVideoError as error:
+            return fail(str(error))
 
     references = args.reference or []
     reference_path, sheet_path = companion_paths(output)
@@ -141,7 +192,8 @@ def run_generate(args) -> int:
             # The base alone suffices without a reference; the adapter is required (and checked) with one.
             adapter = model["adapter"] if references else None
         check_outputs([output, *reference_paths, sheet_path],
-                      [*(("reference", r) for r in references), ("adapter", adapter), ("adapter", adapter_low)])
+                      [*(("reference", r) for r in references), ("adapter", adapter), ("adapter", adapter_low),
+                       *(("LoRA", path) for path, _ in loras + loras_low), ("control video", args.control)])
         import torch
 
         from standin.loading import load_pipeline
@@ -151,7 +203,12 @@ def run_generate(args) -> int:
         device = args.device
         if args.parallel:
             device = start_context_parallel(device)
-        pipe = load_pipeline(base, adapter, adapter_low, device=device, dtype=dtype)
+        if control is not None:
+            from standin.vace import load_vace_pipeline
+
+            pipe = load_vace_pipeline(base, adapter, adapter_low, device=device, dtype=dtype)
+        else:
+            pipe = load_pipeline(base, adapter, adapter_low, device=device, dtype=dtype)
         if args.parallel:
             from diffusers import ContextParallelConfig
 
@@ -160,18 +217,50 @@ def run_generate(args) -> int:
             for transformer in (pipe.transformer, getattr(pipe, "transformer_2", None)):
                 if transformer is not None:
                     transformer.enable_parallelism(config=config)
+        if loras:
+            from standin.lora import load_loras
+
+            load_loras(pipe, loras)
+        if loras_low:
+            from standin.lora import load_loras
+
+            load_loras(pipe, loras_low, "transformer_2")
+        steps, guidance = args.steps, args.guidance
+        if args.preset:
+            from standin.lora import apply_preset
+
+            settings = apply_preset(pipe, args.preset)
+            # The preset's values unless given on the command line (a value other than the parser's default).
+            if steps == GENERATE_DEFAULTS["steps"]:
+                steps = settings["num_inference_steps"]
+            if guidance == GENERATE_DEFAULTS["guidance"]:
+                guidance = settings["guidance_scale"]
         extra = {} if args.negative_prompt is None else {"negative_prompt": args.negative_prompt}
         started = time.perf_counter()
         # Sizes, fps and reference preprocessing: what the base records in its config, unless asked otherwise.
-        result = pipe(
-            prompt=args.prompt, reference_image=references[0] if len(references) == 1 else references or None,
-            reference_guidance=args.reference_guidance, reference_guidance_steps=args.reference_guidance_steps,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance, generator=torch.Generator().manual_seed(args.seed),
-            height=args.height, width=args.width, num_frames=args.frames,
-            preprocess_reference=False if args.no_preprocess else None, cache_reference=not args.no_cache,
-            batch_guidance=not args.sequential_guidance, **extra,
-        )
+        if control is not None:
+            from standin.pipeline import WAN_NEGATIVE_PROMPT
+            from standin.vace import control_frames_as_images
+
+            result = pipe(
+                prompt=args.prompt, negative_prompt=extra.get("negative_prompt", WAN_NEGATIVE_PROMPT),
+                video=control_frames_as_images(control), conditioning_scale=args.control_scale,
+                height=control.shape[1], width=control.shape[2], num_frames=len(control),
+                num_inference_steps=steps, guidance_scale=guidance,
+                generator=torch.Generator().manual_seed(args.seed),
+                reference_image=references[0] if references else None,
+                preprocess_reference=False if args.no_preprocess else None, cache_reference=not args.no_cache,
+            )
+        else:
+            result = pipe(
+                prompt=args.prompt, reference_image=references[0] if len(references) == 1 else references or None,
+                reference_guidance=args.reference_guidance, reference_guidance_steps=args.reference_guidance_steps,
+                num_inference_steps=steps,
+                guidance_scale=guidance, generator=torch.Generator().manual_seed(args.seed),
+                height=args.height, width=args.width, num_frames=args.frames,
+                preprocess_reference=False if args.no_preprocess else None, cache_reference=not args.no_cache,
+                batch_guidance=not args.sequential_guidance, **extra,
+            )
         from standin.io import save_image
         from standin.video import contact_sheet, save_video
 
@@ -183,7 +272,7 @@ def run_generate(args) -> int:
         for image, path in zip(seen, reference_paths):
             save_image(image, path)
         save_image(contact_sheet(frames), sheet_path)
-    except (OSError, ValueError, NoDefaultModelError, AdapterFileError) as error:
+    except (OSError, ValueError, NoDefaultModelError, AdapterFileError, LoraFileError) as error:
         return fail(str(error))
     written = [str(p) for p in reference_paths[:len(references)]]
     print(json.dumps({"video": str(output), "reference": written[0] if written else None, "references": written,
