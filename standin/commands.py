@@ -71,9 +71,10 @@ def add_parser(subparsers) -> None:
                           "its frames, centre-cropped to multiples of 16 px and trimmed to 4k+1 frames, fix the "
                           "video's size and length (--frames caps the length). The VACE blocks see the video only; "
                           "Stand-In acts in the main blocks, as in the published implementation")
-    generate.add_argument("--control-scale", type=float, default=0.8,
-                          help="strength of the control hints (VACE's conditioning scale; default: %(default)s, the "
-                          "published infer_with_vace.py's)")
+    generate.add_argument("--control-scale", type=float, default=0.5,
+                          help="strength of the control hints (VACE's conditioning scale; default: %(default)s: the "
+                          "published README finds VACE's own face prior fights the identity and suggests about 0.5, "
+                          "below its script's 0.8)")
     generate.add_argument("--parallel", choices=("ulysses", "ring"),
                           help="context parallelism: one video over all processes of `torchrun --nproc_per_node N "
                           "-m standin.cli generate ...` (diffusers' Ulysses or ring attention; rank 0 writes)")

@@ -147,7 +147,7 @@ def test_bad_inputs_fail_clearly_and_write_nothing(folder, tmp_path, capsys, vid
 
 def test_cli_usage_errors(folder, capsys):
     assert main(["eval", str(folder / "a.mp4")]) == 2
-    assert "--reference is required" in capsys.readouterr().err
+    assert "no --reference given and no a.reference.png beside the video" in capsys.readouterr().err
     assert main(["eval"]) == 2
     assert "either a video" in capsys.readouterr().err
 
