@@ -5,7 +5,6 @@ LoRA acts on the video and on the reference projections. Here PEFT wraps the Lin
 it to the merged model W + s B A (to 1e-5), with and without a reference, for every file format users have.
 """
 
-import copy
 
 import pytest
 import torch
