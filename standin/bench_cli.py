@@ -16,7 +16,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--layers", type=int, help="override the number of blocks (fit the real sizes on a GPU)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=DTYPE_NAMES)
-    parser.add_argument("--steps", type=int, default=4, help="denoising steps per measured generation (at least 2)")
+    parser.add_argument("--steps", type=int, default=4, help="denoising steps per measured generation")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved repetitions; medians are reported")
     parser.add_argument("--fp8", action="store_true", help="store the base weights in float8 (layerwise casting)")
     parser.add_argument("--memory", action="store_true", help="also measure peak memory per variant")
