@@ -15,8 +15,10 @@
 2. Provenance metadata in the container: generator, version, creation time, whether the watermark was
    written, plus what the caller knows (base model, adapter file hash, seed...), as mp4 metadata tags next
    to the human-readable `comment` label.
+3. Where the c2pa-python package is installed, a C2PA manifest ("created by a trained algorithm", with the
+   same provenance), signed offline with a local self-made certificate (see c2pa_credentials).
 
-`standin verify VIDEO` reads both back and prints JSON. Turning the watermark off takes an explicit
+`standin verify VIDEO` reads all three back and prints JSON. Turning the watermark off takes an explicit
 save_video(..., watermark=False), and the metadata says so.
 
 Importing this module is cheap (numpy only); the watermark library (and with it cv2, torch, onnxruntime) is
@@ -271,6 +273,147 @@ def _unescape(text: str) -> str:
     return re.sub(r"\\(.)", r"\1", text)
 
 
+# ---- C2PA manifest (optional: the c2pa-python package) -------------------------------------------------------
+# A C2PA manifest signed offline with a local, self-made certificate (an ES256 CA and a signer it issued,
+# made on first use in STANDIN_C2PA_DIR or ~/.config/standin/c2pa). It binds the claim "created by a trained
+# algorithm (standin)" and the provenance tags to the file's bytes; C2PA readers report it valid but its
+# signer untrusted (no public CA vouches for a self-made certificate) unless they add the local CA as a trust
+# anchor. Written into .mp4 and .mov files (ISO BMFF); Matroska is not a C2PA format.
+C2PA_DIR_ENV = "STANDIN_C2PA_DIR"
+C2PA_FORMATS = {".mp4": "video/mp4", ".mov": "video/quicktime"}
+TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
+PROVENANCE_ASSERTION = "org.standin.provenance"
+
+
+def c2pa_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("c2pa") is not None
+
+
+def c2pa_folder() -> Path:
+    return Path(os.environ.get(C2PA_DIR_ENV) or Path.home() / ".config" / "standin" / "c2pa")
+
+
+def c2pa_credentials(folder: str | os.PathLike | None = None) -> tuple[Path, Path]:
+    """(certificate chain PEM, signer private key PEM) in `folder`, made there first if missing."""
+    folder = Path(folder) if folder is not None else c2pa_folder()
+    chain, key = folder / "chain.pem", folder / "signer.key"
+    if not (chain.is_file() and key.is_file()):
+        make_c2pa_credentials(folder)
+    return chain, key
+
+
+def make_c2pa_credentials(folder: str | os.PathLike, days: int = 3650) -> None:
+    """A self-made ES256 CA and a signing certificate it issues (digital signature, email-protection use, as
+    C2PA requires of a signer), written to folder/ca.pem, chain.pem (signer + CA) and signer.key (0600)."""
+    from datetime import timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.now(timezone.utc)
+
+    def name(common):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common),
+                          x509.NameAttribute(NameOID.ORGANIZATION_NAME, "standin (self-made, local)")])
+
+    def usage(sign_certificates):
+        return x509.KeyUsage(digital_signature=not sign_certificates, content_commitment=False,
+                             key_encipherment=False, data_encipherment=False, key_agreement=False,
+                             key_cert_sign=sign_certificates, crl_sign=sign_certificates, encipher_only=False,
+                             decipher_only=False)
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("standin local C2PA CA")).issuer_name(name("standin local C2PA CA"))
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=days))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(usage(True), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    signer = (x509.CertificateBuilder().subject_name(name("standin local C2PA signer")).issuer_name(ca.subject)
+              .public_key(key.public_key()).serial_number(x509.random_serial_number())
+              .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=days))
+              .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+              .add_extension(usage(False), critical=True)
+              .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), critical=False)
+              .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+              .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                             critical=False)
+              .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    (folder / "ca.pem").write_bytes(ca.public_bytes(pem))
+    (folder / "chain.pem").write_bytes(signer.public_bytes(pem) + ca.public_bytes(pem))
+    key_path = folder / "signer.key"
+    key_path.touch(mode=0o600)
+    key_path.write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+
+
+def c2pa_sign(source: str | os.PathLike, destination: str | os.PathLike, tags: dict[str, str], title: str) -> None:
+    """Write `source` to `destination` with a C2PA manifest: created by a trained algorithm (standin), and
+    the provenance tags as an assertion of their own."""
+    import c2pa
+
+    suffix = Path(title).suffix.lower()
+    manifest = {
+        "claim_generator_info": [{"name": GENERATOR, "version": tags.get("generator_version", "unknown")}],
+        "title": title,
+        "assertions": [
+            {"label": "c2pa.actions", "data": {"actions": [{
+                "action": "c2pa.created", "digitalSourceType": TRAINED_ALGORITHMIC_MEDIA,
+                "softwareAgent": {"name": GENERATOR, "version": tags.get("generator_version", "unknown")},
+            }]}},
+            {"label": PROVENANCE_ASSERTION, "data": dict(tags)},
+        ],
+    }
+    chain, key = c2pa_credentials()
+    info = c2pa.C2paSignerInfo(alg=b"es256", sign_cert=chain.read_bytes(), private_key=key.read_bytes(),
+                               ta_url=None)  # no timestamp authority: offline
+    signer = c2pa.Signer.from_info(info)
+    try:
+        with c2pa.Builder(json.dumps(manifest)) as builder, open(source, "rb") as src, \
+                open(destination, "w+b") as dst:
+            builder.sign(signer, C2PA_FORMATS[suffix], src, dst)
+    finally:
+        signer.close()
+
+
+def read_c2pa(path: str | os.PathLike) -> dict:
+    """The C2PA manifest of a file, summarised: present, validation state and codes, claim generator,
+    actions with their digital source type, standin's provenance assertion."""
+    if not c2pa_available():
+        return {"present": None, "note": "c2pa-python is not installed: C2PA manifests not read"}
+    import c2pa
+
+    try:
+        with c2pa.Reader(str(path)) as reader:
+            store = json.loads(reader.json())
+    except Exception as error:  # c2pa raises its own errors for "no manifest" and unsupported formats
+        return {"present": False, "note": _last_line(error)}
+    active = store.get("manifests", {}).get(store.get("active_manifest"), {})
+    found = {"present": True, "validation_state": store.get("validation_state"),
+             "validation_status": [item.get("code") for item in store.get("validation_status") or []],
+             "claim_generator": [item.get("name") for item in active.get("claim_generator_info", [])],
+             "signer": (active.get("signature_info") or {}).get("issuer")}
+    for assertion in active.get("assertions", []):
+        if assertion.get("label", "").startswith("c2pa.actions"):
+            found["actions"] = [{"action": a.get("action"), "digitalSourceType": a.get("digitalSourceType")}
+                                for a in assertion.get("data", {}).get("actions", [])]
+        elif assertion.get("label") == PROVENANCE_ASSERTION:
+            found["provenance"] = assertion.get("data")
+    return found
+
+
+def _last_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
 # ---- verify ------------------------------------------------------------------------------------------------
 def verify(path: str | os.PathLike, frames: int = VERIFY_FRAMES) -> dict:
     """What a video file says about being generated: watermark reading and metadata (VideoReadError if the
@@ -283,7 +426,9 @@ def verify(path: str | os.PathLike, frames: int = VERIFY_FRAMES) -> dict:
     pixels = np.stack([sample[i] for i in sorted(sample)])
     metadata = read_metadata(path)
     watermark = detect_watermark(pixels)
-    labelled = metadata.get("comment") == GENERATED_COMMENT or metadata.get("ai_generated") == "true"
+    manifest = read_c2pa(path)
+    labelled = metadata.get("comment") == GENERATED_COMMENT or metadata.get("ai_generated") == "true" or any(
+        action.get("digitalSourceType") == TRAINED_ALGORITHMIC_MEDIA for action in manifest.get("actions", []))
     if watermark["detected"] and labelled:
         verdict = "generated by standin: watermark and metadata found"
     elif watermark["detected"]:
@@ -296,7 +441,7 @@ def verify(path: str | os.PathLike, frames: int = VERIFY_FRAMES) -> dict:
         verdict = "no standin watermark or label found (this does not prove the video is not generated)"
     return {
         "video": str(path), "frames": count, "verdict": verdict, "watermark": watermark,
-        "labelled_generated": labelled, "metadata": metadata,
+        "labelled_generated": labelled, "metadata": metadata, "c2pa": manifest,
     }
 
 

@@ -72,13 +72,15 @@ def check_video_frames(frames: np.ndarray) -> None:
 
 
 def save_video(frames, path: str | os.PathLike, fps: int = 25, *, provenance: dict | None = None,
-               watermark: bool = True) -> Path:
+               watermark: bool = True, c2pa: bool | None = None) -> Path:
     """Write frames ([F, H, W, 3], uint8 or floats in [0, 1]) as an H.264 video labelled as AI-generated.
 
     provenance: extra metadata tags for the file, e.g. standin.provenance.generation_provenance(base=...,
     adapter=..., seed=...) (base model, adapter SHA-256, seed); keys are lower-case identifiers.
     watermark: False writes no invisible watermark (the metadata records `watermark=off`); frames under 16 px
     on a side cannot carry it (recorded as skipped).
+    c2pa: sign a C2PA manifest into .mp4/.mov files with the local self-made certificate; None (default): when
+    the c2pa-python package is installed; True: required (RuntimeError without it); False: none.
 
     Raises ValueError for frames or a name that cannot be written, VideoWriteError when encoding fails (disk
     full, ffmpeg error) or the file does not read back with the frames given; the destination is then as before.
@@ -98,6 +100,12 @@ def save_video(frames, path: str | os.PathLike, fps: int = 25, *, provenance: di
     else:
         state = f"on: {safeguards.WATERMARK_METHOD}, payload {safeguards.WATERMARK_PAYLOAD.hex()}"
     tags = safeguards.video_metadata(provenance, state)  # bad keys fail before any work
+    suffix = Path(path).suffix.lower()
+    if c2pa and not safeguards.c2pa_available():
+        raise RuntimeError("c2pa=True needs the c2pa-python package")
+    sign = (safeguards.c2pa_available() if c2pa is None else c2pa) and suffix in safeguards.C2PA_FORMATS
+    if sign:
+        tags["c2pa"] = "manifest signed with a local self-made certificate"
     if state.startswith("on"):
         frames = safeguards.embed_watermark(frames)
     tags = {"comment": GENERATED_COMMENT, **tags}
@@ -112,6 +120,17 @@ def save_video(frames, path: str | os.PathLike, fps: int = 25, *, provenance: di
         except (RuntimeError, ValueError) as e:
             raise VideoWriteError(f"{path}: ffmpeg could not encode the video ({_last_line(e)})") from e
         _verify(temporary, path, frames)
+        if sign:
+            signed = f"{temporary}.c2pa{suffix}"
+            try:
+                safeguards.c2pa_sign(temporary, signed, tags, Path(path).name)
+                os.replace(signed, temporary)
+            except Exception as e:  # c2pa's own errors, a bad certificate, disk full...
+                raise VideoWriteError(f"{path}: signing the C2PA manifest failed ({_last_line(e)})") from e
+            finally:
+                if os.path.exists(signed):
+                    os.unlink(signed)
+            _verify(temporary, path, frames)
 
     return atomic_write(path, write)
 

@@ -137,3 +137,35 @@ def test_the_module_imports_nothing_heavy():
             "print(sorted(m for m in ('torch', 'cv2', 'imwatermark', 'gradio', 'diffusers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.fixture
+def c2pa_dir(tmp_path, monkeypatch):
+    pytest.importorskip("c2pa", reason="c2pa-python is not installed")
+    monkeypatch.setenv(provenance.C2PA_DIR_ENV, str(tmp_path / "c2pa"))
+    return tmp_path / "c2pa"
+
+
+def test_c2pa_manifest_signed_offline_with_a_self_made_certificate(c2pa_dir, tmp_path):
+    path = save_video(np.full((3, 32, 32, 3), 128, np.uint8), tmp_path / "signed.mp4", fps=8,
+                      provenance={"seed": 5}, c2pa=True)
+    assert (c2pa_dir / "chain.pem").is_file() and (c2pa_dir / "signer.key").stat().st_mode & 0o077 == 0
+    manifest = provenance.read_c2pa(path)
+    assert manifest["present"] and manifest["validation_state"] == "Valid", manifest
+    # valid, and honestly untrusted: no public CA vouches for a self-made certificate
+    assert manifest["validation_status"] == ["signingCredential.untrusted"]
+    assert manifest["actions"] == [{"action": "c2pa.created",
+                                    "digitalSourceType": provenance.TRAINED_ALGORITHMIC_MEDIA}]
+    assert manifest["provenance"]["seed"] == "5" and manifest["provenance"]["generator"] == "standin"
+    report = verify(path)
+    assert report["c2pa"]["present"] and report["metadata"]["c2pa"].startswith("manifest signed")
+    # the mp4 metadata is still there after signing
+    assert report["metadata"]["comment"] == GENERATED_COMMENT
+
+
+def test_c2pa_off_and_unsupported_containers(c2pa_dir, tmp_path):
+    plain = save_video(np.zeros((2, 32, 32, 3), np.uint8), tmp_path / "plain.mp4", c2pa=False)
+    assert provenance.read_c2pa(plain)["present"] is False
+    assert "c2pa" not in provenance.read_metadata(plain)
+    mkv = save_video(np.zeros((2, 32, 32, 3), np.uint8), tmp_path / "clip.mkv", c2pa=True)
+    assert provenance.read_c2pa(mkv)["present"] is False
