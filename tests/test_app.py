@@ -157,6 +157,10 @@ def test_browser_upload_generate_and_bad_input(served, tmp_path):
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#result video[src]"))
         shown("FaceSim")
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery video, #gallery img"))
+        # nothing was fetched from anywhere but the app itself (no CDN fonts, no analytics)
+        fetched = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+        outside = [name for name in fetched if not name.startswith(("data:", "blob:", url.rstrip("/")))]
+        assert not outside, outside
         for close in driver.find_elements(By.CSS_SELECTOR, ".toast-close"):  # the earlier error's toast
             close.click()
         wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, ".toast-body"))
