@@ -177,3 +177,19 @@ def test_browser_upload_generate_and_bad_input(served, tmp_path):
     frames = read_video(written.pop())
     assert frames.shape == (17, 64, 64, 3)
     assert screenshot.stat().st_size > 10_000
+
+
+def test_the_reference_preview_says_why_preprocessing_fell_back(tmp_path):
+    """A real base preprocesses references (face crop); with no face in the photo the page says so."""
+    pytest.importorskip("dlib", reason="the default face backend needs dlib (pip install -e '.[face]')")
+    from types import SimpleNamespace
+
+    from PIL import Image
+    from skimage import data
+
+    photo = tmp_path / "coffee.png"
+    Image.fromarray(data.coffee()).save(photo)
+    config = SimpleNamespace(reference_size=128, preprocess_reference=True)
+    image, note = standin_app.prepare_reference(SimpleNamespace(config=config, pipe=None), str(photo))
+    assert image.size == (128, 128)
+    assert note.startswith("Face preprocessing fell back to the whole image:"), note
