@@ -193,3 +193,25 @@ def test_the_reference_preview_says_why_preprocessing_fell_back(tmp_path):
     image, note = standin_app.prepare_reference(SimpleNamespace(config=config, pipe=None), str(photo))
     assert image.size == (128, 128)
     assert note.startswith("Face preprocessing fell back to the whole image:"), note
+
+
+def test_the_default_model_comes_from_the_entry_point_first(monkeypatch):
+    import importlib.metadata
+
+    class Entry:
+        name = "mini"
+
+        def load(self):
+            return lambda: {"base": "/models/mini", "adapter": "/models/mini.safetensors"}
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [Entry()] if group == "standin.models" else [])
+    assert standin_app.default_model() == {"base": "/models/mini", "adapter": "/models/mini.safetensors"}
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [])
+    import importlib.util
+
+    if importlib.util.find_spec("standin.mini") is None:  # after the split: no fallback, a clear error
+        with pytest.raises(FileNotFoundError, match="no default model is installed"):
+            standin_app.default_model()
+    else:  # before the split: the model embedded in standin.mini
+        found = standin_app.default_model()
+        assert Path(found["base"]).name == "base" and found["adapter"].endswith(".safetensors")
