@@ -106,12 +106,12 @@ def test_a_file_that_does_not_read_back_as_written_never_replaces_the_old_one(go
     path, before = good
     # ffmpeg "succeeds" but the file holds fewer frames than given (what a silently failing encoder leaves)
     real_encode = video_module._encode
-    monkeypatch.setattr(video_module, "_encode", lambda f, temporary, fps: real_encode(f[:2], temporary, fps))
+    monkeypatch.setattr(video_module, "_encode", lambda f, temporary, fps, *tags: real_encode(f[:2], temporary, fps, *tags))
     with pytest.raises(VideoWriteError, match="reads back as 2 frames of 48x32 px, not 5 of 48x32"):
         save_video(frames(), path)
     assert path.read_bytes() == before
 
-    monkeypatch.setattr(video_module, "_encode", lambda f, temporary, fps: None)  # a 0-byte file
+    monkeypatch.setattr(video_module, "_encode", lambda f, temporary, fps, *tags: None)  # a 0-byte file
     with pytest.raises(VideoWriteError, match="empty file"):
         save_video(frames(), path)
     assert path.read_bytes() == before
