@@ -17,6 +17,8 @@ SUBCOMMAND_MODULES = (
     "standin.eval.cli",
     "standin.train.cli",
     "standin.swap.cli",
+    "standin.app",
+    "standin.provenance",
 )
 
 DESCRIPTION = """\

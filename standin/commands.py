@@ -268,7 +268,11 @@ def run_generate(args) -> int:
         frames = result.frames[0]
         if args.parallel and torch.distributed.get_rank() != 0:
             return 0  # every rank computed the same video; rank 0 writes it
-        save_video(frames, output, fps=args.fps or pipe.config.default_fps)
+        from standin.provenance import generation_provenance
+
+        record = generation_provenance(base=base, adapter=adapter if references else None, adapter_low=adapter_low,
+                                       seed=args.seed, prompt=args.prompt, steps=steps, guidance=guidance)
+        save_video(frames, output, fps=args.fps or pipe.config.default_fps, provenance=record)
         seen = result.reference if isinstance(result.reference, list) else [result.reference] * bool(references)
         for image, path in zip(seen, reference_paths):
             save_image(image, path)

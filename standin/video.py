@@ -73,7 +73,7 @@ def check_video_frames(frames: np.ndarray) -> None:
 
 
 def save_video(frames, path: str | os.PathLike, fps: int = 25, *, provenance: dict | None = None,
-               watermark: bool = True, c2pa: bool | None = None) -> Path:
+               watermark: bool = True, c2pa: bool | None = None, generated: bool = True) -> Path:
     """Write frames ([F, H, W, 3], uint8 or floats in [0, 1]) as an H.264 video labelled as AI-generated.
 
     provenance: extra metadata tags for the file, e.g. standin.provenance.generation_provenance(base=...,
@@ -82,6 +82,8 @@ def save_video(frames, path: str | os.PathLike, fps: int = 25, *, provenance: di
     on a side cannot carry it (recorded as skipped).
     c2pa: sign a C2PA manifest into .mp4/.mov files with the local self-made certificate; None (default): when
     the c2pa-python package is installed; True: required (RuntimeError without it); False: none.
+    generated: False for videos that are not generated (training clips cut from real footage): no watermark, no
+    AI-generated label, no manifest.
 
     Raises ValueError for frames or a name that cannot be written, VideoWriteError when encoding fails (disk
     full, ffmpeg error) or the file does not read back with the frames given; the destination is then as before.
@@ -94,6 +96,8 @@ def save_video(frames, path: str | os.PathLike, fps: int = 25, *, provenance: di
         raise ValueError(f"fps must be positive, got {fps}")
     from standin import provenance as safeguards
 
+    if not generated:
+        watermark, c2pa, provenance = False, False, None
     if not watermark:
         state = "off (save_video(..., watermark=False))"
     elif safeguards.watermark_skip_reason(frames):
@@ -109,7 +113,7 @@ def save_video(frames, path: str | os.PathLike, fps: int = 25, *, provenance: di
         tags["c2pa"] = "manifest signed with a local self-made certificate"
     if state.startswith("on"):
         frames = safeguards.embed_watermark(frames)
-    tags = {"comment": GENERATED_COMMENT, **tags}
+    tags = {"comment": GENERATED_COMMENT, **tags} if generated else {}
 
     def write(temporary):
         try:

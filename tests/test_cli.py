@@ -209,3 +209,12 @@ def test_impossible_numbers_are_refused_before_any_work(model_folder, tmp_path, 
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and flag in err
     assert not any(tmp_path.iterdir())
+
+
+def test_generated_video_records_its_provenance(model_folder, tmp_path):
+    from standin.provenance import file_sha256, read_metadata
+
+    assert generate(model_folder, tmp_path / "out.mp4", "--seed", "7") == 0
+    tags = read_metadata(tmp_path / "out.mp4")
+    assert tags["ai_generated"] == "true" and tags["seed"] == "7" and tags["prompt"] == "a person nods"
+    assert tags["adapter_sha256"] == file_sha256(model_folder / "adapter.safetensors")

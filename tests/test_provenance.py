@@ -169,3 +169,11 @@ def test_c2pa_off_and_unsupported_containers(c2pa_dir, tmp_path):
     assert "c2pa" not in provenance.read_metadata(plain)
     mkv = save_video(np.zeros((2, 32, 32, 3), np.uint8), tmp_path / "clip.mkv", c2pa=True)
     assert provenance.read_c2pa(mkv)["present"] is False
+
+
+def test_real_footage_written_for_training_is_not_labelled_generated(tmp_path):
+    """prepare-data re-encodes clips of real videos: no watermark, no AI-generated label, no manifest."""
+    path = save_video(generated_like(), tmp_path / "clip.mp4", fps=8, generated=False)
+    tags = provenance.read_metadata(path)
+    assert "ai_generated" not in tags and GENERATED_COMMENT not in tags.get("comment", "")
+    assert not verify(path)["watermark"]["detected"]

@@ -5,7 +5,7 @@ For each video (any depth below the input folder):
 2. Clips: up to `max_clips` consecutive windows of `num_frames` frames at `fps` (nearest source frame for each
    output frame), centre-cropped to the output aspect and resized to width x height (area interpolation).
    A video shorter than one window is skipped.
-3. Reference: faces are detected in `reference_frames` random frames of the whole source video (SPEC section 6:
+3. Reference: faces are detected in `reference_frames` random frames of the whole source video (docs/method.md section 6:
    the reference comes from the source video, rarely from the clip's own frames). The frame whose largest face
    has the largest box wins (a bigger face gives a sharper 512 px crop and is usually the closest, most frontal
    view); it is preprocessed exactly as inference preprocesses a user's photo (standin.preprocess). No face in
@@ -215,7 +215,7 @@ def prepare_video(video: Path, name: str, output: Path, settings: PrepareSetting
         clip_id = f"{name}_{number:03d}"
         clip_file = Path("clips") / f"{clip_id}.mp4"
         clip = np.stack([centre_crop_resize(frames[i], settings.height, settings.width) for i in window])
-        save_video(clip, output / clip_file, fps=settings.fps)
+        save_video(clip, output / clip_file, fps=settings.fps, generated=False)  # real footage, not generated
         entry = {"id": clip_id, "video": str(clip_file), "reference": str(reference_file), "caption": caption,
                  "source": str(video), "source_frames": [window[0], window[-1]], "source_fps": source_fps,
                  "reference_frame": reference_index, "reference_crop": reference.describe()}
