@@ -16,8 +16,8 @@ from conftest import train_config
 from safetensors.torch import load_file
 
 from standin.cli import main
-from standin.train import checkpoints
-from standin.train.checkpoints import CheckpointError, RunFolderInUse, RunLock
+from standin.train import run_state
+from standin.train.run_state import CheckpointError, RunFolderInUse, RunLock
 from standin.train.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -137,12 +137,12 @@ def test_a_second_train_into_a_folder_in_use_is_refused(tiny_base, encoded_data,
     run.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (run / checkpoints.LOCK_FILE).write_text(json.dumps(
+        (run / run_state.LOCK_FILE).write_text(json.dumps(
             {"pid": holder.pid, "host": socket.gethostname(), "started": "2026-01-01T00:00:00"}))
         code = main(cli_train(tiny_base, encoded_data, run))
         assert code == 1
         assert f"is in use by process {holder.pid}" in one_line_error(capsys)
-        assert sorted(p.name for p in run.iterdir()) == [checkpoints.LOCK_FILE]  # nothing written, lock kept
+        assert sorted(p.name for p in run.iterdir()) == [run_state.LOCK_FILE]  # nothing written, lock kept
     finally:
         holder.kill()
         holder.wait()
@@ -152,7 +152,7 @@ def test_a_second_train_into_a_folder_in_use_is_refused(tiny_base, encoded_data,
     with pytest.raises(RunFolderInUse, match=f"in use by process {os.getpid()}"):
         Trainer(train_config(tiny_base, encoded_data, tmp_path / "two", **SETTINGS))
     first.train()
-    assert not (tmp_path / "two" / checkpoints.LOCK_FILE).exists()
+    assert not (tmp_path / "two" / run_state.LOCK_FILE).exists()
 
 
 def test_a_killed_runs_lock_is_taken_over_and_said_so(tiny_base, encoded_data, tmp_path):
@@ -160,31 +160,31 @@ def test_a_killed_runs_lock_is_taken_over_and_said_so(tiny_base, encoded_data, t
     run.mkdir()
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # its pid is free now
-    (run / checkpoints.LOCK_FILE).write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname()}))
+    (run / run_state.LOCK_FILE).write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname()}))
     Trainer(train_config(tiny_base, encoded_data, run, **{**SETTINGS, "steps": 2})).train()
     log = (run / "train.log").read_text()
-    assert f"lock {run / checkpoints.LOCK_FILE} from process {gone.pid}" in log and "no longer running" in log
-    assert not (run / checkpoints.LOCK_FILE).exists()  # removed on exit
+    assert f"lock {run / run_state.LOCK_FILE} from process {gone.pid}" in log and "no longer running" in log
+    assert not (run / run_state.LOCK_FILE).exists()  # removed on exit
 
 
 def test_the_lock_is_removed_when_setup_fails_and_respected_across_hosts(tiny_base, encoded_data, tmp_path):
     run = tmp_path / "run"
     with pytest.raises(ValueError, match="(?i)scheduler"):
         Trainer(train_config(tiny_base, encoded_data, run, lr_scheduler="no-such-schedule")).train()
-    assert not (run / checkpoints.LOCK_FILE).exists()
+    assert not (run / run_state.LOCK_FILE).exists()
     # a lock of another machine cannot be checked: it is respected, with its host named
-    (run / checkpoints.LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "elsewhere"}))
+    (run / run_state.LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "elsewhere"}))
     with pytest.raises(RunFolderInUse, match="process 1 on host elsewhere"):
         RunLock(run).acquire()
     # an unreadable lock (a writer killed before writing its pid) blocks only while it is fresh
-    (run / checkpoints.LOCK_FILE).write_text("")
+    (run / run_state.LOCK_FILE).write_text("")
     with pytest.raises(RunFolderInUse, match="being written"):
         RunLock(run).acquire()
-    os.utime(run / checkpoints.LOCK_FILE, (0, 0))
+    os.utime(run / run_state.LOCK_FILE, (0, 0))
     lock = RunLock(run).acquire()
-    assert json.loads((run / checkpoints.LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert json.loads((run / run_state.LOCK_FILE).read_text())["pid"] == os.getpid()
     lock.release()
-    assert not (run / checkpoints.LOCK_FILE).exists()
+    assert not (run / run_state.LOCK_FILE).exists()
 
 
 # ---- damaged checkpoint files ---------------------------------------------------------------------------------
@@ -195,7 +195,7 @@ def test_the_lock_is_removed_when_setup_fails_and_respected_across_hosts(tiny_ba
 def test_a_damaged_latest_json_is_one_line_naming_the_file_and_the_fallback(tiny_base, encoded_data, finished,
                                                                            tmp_path, capsys, content):
     run = copy_run(finished, tmp_path)
-    latest = run / checkpoints.CHECKPOINTS / checkpoints.LATEST
+    latest = run / run_state.CHECKPOINTS / run_state.LATEST
     latest.write_bytes(content)
     assert main(cli_train(tiny_base, encoded_data, run, "--resume", "--steps", "6")) == 1
     err = one_line_error(capsys)
@@ -210,7 +210,7 @@ def test_a_pointer_to_a_missing_checkpoint_names_the_older_one(finished, tmp_pat
     shutil.rmtree(run / "checkpoints/step-0000004")
     with pytest.raises(CheckpointError, match="names step-0000004, which lacks .* continues from "
                                               "step-0000002"):
-        checkpoints.latest_checkpoint(run)
+        run_state.latest_checkpoint(run)
 
 
 def truncate(path: Path) -> None:
@@ -223,7 +223,7 @@ def test_a_damaged_checkpoint_is_one_line_and_its_advice_gets_the_run_back(tiny_
                                                                           tmp_path, capsys, damage):
     run = copy_run(finished, tmp_path)
     folder = run / "checkpoints/step-0000004"
-    state_file = folder / checkpoints.STATE_FILE
+    state_file = folder / run_state.STATE_FILE
     if damage == "truncated":
         truncate(state_file)
     elif damage == "garbage":
@@ -236,8 +236,8 @@ def test_a_damaged_checkpoint_is_one_line_and_its_advice_gets_the_run_back(tiny_
         state = torch.load(state_file, weights_only=True)
         torch.save({**state, "optimizer": {"state": {}, "param_groups": "x"}}, state_file)
     else:
-        truncate(folder / checkpoints.ADAPTER_FILE)
-    damaged_file = folder / (checkpoints.ADAPTER_FILE if damage == "adapter truncated" else checkpoints.STATE_FILE)
+        truncate(folder / run_state.ADAPTER_FILE)
+    damaged_file = folder / (run_state.ADAPTER_FILE if damage == "adapter truncated" else run_state.STATE_FILE)
 
     assert main(cli_train(tiny_base, encoded_data, run, "--resume", "--steps", "6")) == 1
     err = one_line_error(capsys)
@@ -250,7 +250,7 @@ def test_a_damaged_checkpoint_is_one_line_and_its_advice_gets_the_run_back(tiny_
     # Following the advice: the run continues from step 2 and ends as the uninterrupted run.
     shutil.rmtree(folder)
     (run / "checkpoints/latest.json").unlink()
-    assert checkpoints.latest_checkpoint(run).name == "step-0000002"
+    assert run_state.latest_checkpoint(run).name == "step-0000002"
     report = Trainer(train_config(tiny_base, encoded_data, run, resume=True, **SETTINGS)).train()
     assert report["resumed_from_step"] == 2
     assert same_adapter(run, finished)
@@ -259,9 +259,9 @@ def test_a_damaged_checkpoint_is_one_line_and_its_advice_gets_the_run_back(tiny_
 def test_no_older_checkpoint_says_to_start_afresh(finished, tmp_path):
     run = copy_run(finished, tmp_path)
     shutil.rmtree(run / "checkpoints/step-0000002")
-    truncate(run / "checkpoints/step-0000004" / checkpoints.STATE_FILE)
+    truncate(run / "checkpoints/step-0000004" / run_state.STATE_FILE)
     with pytest.raises(CheckpointError, match="no older complete checkpoint is left: remove .*checkpoints to start"):
-        checkpoints.read_training_state(run / "checkpoints/step-0000004")
+        run_state.read_training_state(run / "checkpoints/step-0000004")
 
 
 def test_a_hand_edited_manifest_with_a_non_text_caption_is_refused_naming_the_clip(tiny_base, encoded_data,
@@ -295,7 +295,7 @@ def test_two_real_runs_into_one_folder_then_a_kill(tiny_base, encoded_data, tmp_
                              stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
-        while checkpoints.latest_checkpoint(run) is None and first.poll() is None and time.monotonic() < deadline:
+        while run_state.latest_checkpoint(run) is None and first.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert first.poll() is None, first.communicate()[1].decode()[-2000:]
         assert main(args + ["--resume"]) == 1
@@ -303,12 +303,12 @@ def test_two_real_runs_into_one_folder_then_a_kill(tiny_base, encoded_data, tmp_
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
-    assert json.loads((run / checkpoints.LOCK_FILE).read_text())["pid"] == first.pid  # left behind by the kill
-    killed_at = int(checkpoints.latest_checkpoint(run).name.split("-")[1])
+    assert json.loads((run / run_state.LOCK_FILE).read_text())["pid"] == first.pid  # left behind by the kill
+    killed_at = int(run_state.latest_checkpoint(run).name.split("-")[1])
     assert main(args + [f"--steps={killed_at + 2}", "--resume"]) == 0
     assert json.loads(capsys.readouterr().out)["resumed_from_step"] == killed_at
     assert f"from process {first.pid} (started" in (run / "train.log").read_text()
-    assert not (run / checkpoints.LOCK_FILE).exists()
+    assert not (run / run_state.LOCK_FILE).exists()
 
 
 # ---- nothing the user had is lost ----------------------------------------------------------------------------
@@ -323,7 +323,7 @@ def test_a_finished_run_without_checkpoints_is_never_replaced(tiny_base, encoded
                                                   "checkpoint"):
             Trainer(train_config(tiny_base, encoded_data, run, resume=resume, **SETTINGS))
     assert {name: (run / name).read_bytes() for name in before} == before
-    assert not (run / checkpoints.LOCK_FILE).exists()
+    assert not (run / run_state.LOCK_FILE).exists()
 
 
 def test_resuming_exactly_at_the_last_checkpoint_writes_the_runs_adapter(tiny_base, encoded_data, finished,
@@ -343,4 +343,4 @@ def test_resuming_exactly_at_the_last_checkpoint_writes_the_runs_adapter(tiny_ba
 def test_a_clip_size_validation_cannot_generate_is_refused_before_training(tiny_base, encoded_data, tmp_path):
     with pytest.raises(ValueError, match="clip size 32x24, 9 frames .*multiples of 16"):
         Trainer(train_config(tiny_base, encoded_data, tmp_path / "run", height=24))
-    assert not (tmp_path / "run" / checkpoints.LOCK_FILE).exists()
+    assert not (tmp_path / "run" / run_state.LOCK_FILE).exists()

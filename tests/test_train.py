@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from standin.checkpoint import load_adapter
 from standin.cli import main
-from standin.train import checkpoints
+from standin.train import run_state
 from standin.train.data import SampleStream, StepBatches
 from standin.train.trainer import Trainer
 
@@ -134,8 +134,8 @@ def uninterrupted(tiny_base, encoded_data, tmp_path_factory) -> Path:
 def assert_same_run(run: Path, reference: Path) -> None:
     assert_same_adapter(run, reference)
     assert losses(run) == losses(reference)
-    state = checkpoints.read_training_state(run / "checkpoints/step-0000007")["optimizer"]["state"]
-    expected_state = checkpoints.read_training_state(reference / "checkpoints/step-0000007")["optimizer"]["state"]
+    state = run_state.read_training_state(run / "checkpoints/step-0000007")["optimizer"]["state"]
+    expected_state = run_state.read_training_state(reference / "checkpoints/step-0000007")["optimizer"]["state"]
     moments = ("exp_avg", "exp_avg_sq")
     assert all(torch.equal(state[name][k], expected_state[name][k]) for name in expected_state for k in moments)
 
@@ -154,7 +154,7 @@ def test_interrupted_then_resumed_run_equals_the_uninterrupted_one(tiny_base, en
     monkeypatch.setattr(Trainer, "train_step", interrupted_step)
     with pytest.raises(KeyboardInterrupt):
         Trainer(train_config(tiny_base, encoded_data, run, **RESUME_SETTINGS)).train()
-    assert checkpoints.latest_checkpoint(run).name == "step-0000003"
+    assert run_state.latest_checkpoint(run).name == "step-0000003"
     assert len(losses(run)) == 4
     monkeypatch.setattr(Trainer, "train_step", train_step)
 
@@ -168,18 +168,18 @@ def test_interrupted_then_resumed_run_equals_the_uninterrupted_one(tiny_base, en
 def test_crash_inside_a_checkpoint_write_leaves_the_previous_checkpoint(tiny_base, encoded_data, uninterrupted,
                                                                        tmp_path, monkeypatch):
     run = tmp_path / "run"
-    atomic_write = checkpoints.atomic_write
+    atomic_write = run_state.atomic_write
 
     def failing_write(path, write):
-        if Path(path).parent.name == "step-0000006" and Path(path).name == checkpoints.STATE_FILE:
+        if Path(path).parent.name == "step-0000006" and Path(path).name == run_state.STATE_FILE:
             raise OSError("disk gone")  # the adapter file of step 6 is written, its training state is not
         return atomic_write(path, write)
 
-    monkeypatch.setattr(checkpoints, "atomic_write", failing_write)
+    monkeypatch.setattr(run_state, "atomic_write", failing_write)
     with pytest.raises(OSError, match="disk gone"):
         Trainer(train_config(tiny_base, encoded_data, run, **RESUME_SETTINGS)).train()
-    monkeypatch.setattr(checkpoints, "atomic_write", atomic_write)
-    assert checkpoints.latest_checkpoint(run).name == "step-0000003"
+    monkeypatch.setattr(run_state, "atomic_write", atomic_write)
+    assert run_state.latest_checkpoint(run).name == "step-0000003"
     assert not list((run / "checkpoints/step-0000006").glob(".*"))  # no temporary file left behind
 
     Trainer(train_config(tiny_base, encoded_data, run, resume=True, **RESUME_SETTINGS)).train()
@@ -219,13 +219,13 @@ def test_sigkill_at_a_random_moment_then_resume_is_exact(tiny_base, encoded_data
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while checkpoints.latest_checkpoint(run) is None and process.poll() is None and time.monotonic() < deadline:
+    while run_state.latest_checkpoint(run) is None and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
     time.sleep(random.uniform(0.0, 1.0))
     process.send_signal(signal.SIGKILL)
     _, stderr = process.communicate()
     assert process.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
-    killed_at = checkpoints.latest_checkpoint(run)
+    killed_at = run_state.latest_checkpoint(run)
     assert killed_at is not None and killed_at.name != "step-0000150"
 
     Trainer(train_config(tiny_base, encoded_data, run, resume=True, **settings)).train()

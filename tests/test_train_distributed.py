@@ -26,7 +26,7 @@ from diffusers import WanTransformer3DModel
 from safetensors.torch import load_file
 
 from standin.checkpoint import load_adapter
-from standin.train import checkpoints
+from standin.train import run_state
 from standin.train.trainer import Trainer
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
@@ -73,8 +73,8 @@ def test_two_processes_follow_the_one_process_loss_curve(mode, tiny_base, encode
     assert all(torch.allclose(adapter[k], expected[k], rtol=1e-4, atol=1e-6) for k in expected)
     transformer = WanTransformer3DModel.from_pretrained(tiny_base / "transformer")
     assert load_adapter(run / "adapter.safetensors", transformer).rank == SETTINGS["rank"]
-    state = checkpoints.read_training_state(run / "checkpoints/step-0000008")
-    expected_state = checkpoints.read_training_state(one_process / "checkpoints/step-0000008")
+    state = run_state.read_training_state(run / "checkpoints/step-0000008")
+    expected_state = run_state.read_training_state(one_process / "checkpoints/step-0000008")
     assert state["optimizer"]["state"].keys() == expected_state["optimizer"]["state"].keys()
     for name, tensors in expected_state["optimizer"]["state"].items():
         assert state["optimizer"]["state"][name]["exp_avg"].shape == tensors["exp_avg"].shape
@@ -82,7 +82,7 @@ def test_two_processes_follow_the_one_process_loss_curve(mode, tiny_base, encode
     if mode == "fsdp":  # the sharded path of a 14B run: killed after the checkpoint of step 4, then resumed
         finished = load_file(str(run / "adapter.safetensors"))
         shutil.rmtree(run / "checkpoints/step-0000008")
-        (run / "checkpoints" / checkpoints.LATEST).write_text(json.dumps({"folder": "step-0000004", "step": 4}))
+        (run / "checkpoints" / run_state.LATEST).write_text(json.dumps({"folder": "step-0000004", "step": 4}))
         result = launch_two_processes(tiny_base, encoded_data, run, *extra, "--resume")
         assert result.returncode == 0, result.stderr[-3000:]
         assert json.loads(result.stdout)["resumed_from_step"] == 4

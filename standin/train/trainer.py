@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from standin.checkpoint import AdapterFileError, load_adapter, save_adapter
 from standin.io import atomic_write, save_text
 from standin.models import StandInAdapter, StandInModel
-from standin.train import checkpoints, parallel
+from standin.train import parallel, run_state
 from standin.train.config import TrainConfig
 from standin.train.data import (
     PreparedDataset,
@@ -44,7 +44,12 @@ from standin.train.data import (
     position_seed,
     vae_latents,
 )
-from standin.train.validation import encode_case_prompts, face_backend, run_validation, validation_cases
+from standin.train.validation import (
+    encode_case_prompts,
+    face_backend,
+    run_validation,
+    validation_cases,
+)
 
 logger = logging.getLogger("standin.train")
 
@@ -75,7 +80,7 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             # One run per folder: a second `standin train` into it stops here, before it reads or writes anything.
-            self.lock = checkpoints.RunLock(self.run_dir).acquire()
+            self.lock = run_state.RunLock(self.run_dir).acquire()
             if self.lock.took_over is not None:
                 logger.warning("took over the lock of process %s, which is no longer running (a killed run)",
                                self.lock.took_over.get("pid"))
@@ -85,7 +90,7 @@ class Trainer:
             self.defining = self._normalized(config.defining(global_batch))
             self.data_fingerprint = dataset_fingerprint(config.data, config.mini_length)
             self.resumed_from = self._resume_folder()
-            state = checkpoints.read_training_state(self.resumed_from) if self.resumed_from else None
+            state = run_state.read_training_state(self.resumed_from) if self.resumed_from else None
             if state is not None:
                 self._check_resumable(state)
             self.start_step = state["step"] if state else 0
@@ -111,8 +116,8 @@ class Trainer:
             raise ValueError("--fsdp shards the model over processes: launch two or more (accelerate launch)")
 
     def _resume_folder(self) -> Path | None:
-        latest = checkpoints.latest_checkpoint(self.run_dir)
-        finished = [name for name in ("report.json", checkpoints.ADAPTER_FILE) if (self.run_dir / name).exists()]
+        latest = run_state.latest_checkpoint(self.run_dir)
+        finished = [name for name in ("report.json", run_state.ADAPTER_FILE) if (self.run_dir / name).exists()]
         if latest is None and finished:  # a finished run whose checkpoints are gone: a new run would replace it
             raise FileExistsError(f"{self.run_dir} holds a run's {' and '.join(finished)} but no checkpoint to resume "
                                   "from; choose another output folder (or move those files away)")
@@ -173,9 +178,9 @@ class Trainer:
         torch.manual_seed(c.seed)  # the same initial adapter in every process (FSDP does not broadcast it)
         if self.resumed_from is not None:
             try:
-                adapter = load_adapter(self.resumed_from / checkpoints.ADAPTER_FILE, self.pipe.transformer)
+                adapter = load_adapter(self.resumed_from / run_state.ADAPTER_FILE, self.pipe.transformer)
             except AdapterFileError as error:
-                raise checkpoints.damaged(self.resumed_from, checkpoints.ADAPTER_FILE, str(error)) from None
+                raise run_state.damaged(self.resumed_from, run_state.ADAPTER_FILE, str(error)) from None
         else:
             adapter = StandInAdapter.for_transformer(self.pipe.transformer, c.rank, attention=c.attention,
                                                      positions=c.positions)
@@ -260,10 +265,10 @@ class Trainer:
         try:
             parallel.load_optimizer_state(self.model, self.optimizer, state["optimizer"], sharded=c.fsdp)
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-            checkpoints.restore_rng_states(state["rng"])
+            run_state.restore_rng_states(state["rng"])
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as error:
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise checkpoints.damaged(self.resumed_from, checkpoints.STATE_FILE,
+            raise run_state.damaged(self.resumed_from, run_state.STATE_FILE,
                                       f"its optimizer, schedule or RNG state does not load: {reason}") from None
 
     # ---- one step -------------------------------------------------------------------------------------------
@@ -332,17 +337,17 @@ class Trainer:
         if self.is_main:
             training_state = {
                 "step": step, "optimizer": optimizer_state, "lr_scheduler": self.lr_scheduler.state_dict(),
-                "rng": checkpoints.rng_states(), "config": self.defining,
+                "rng": run_state.rng_states(), "config": self.defining,
                 "data": {"samples_seen": step * self.batches.global_batch, "dataset_size": self.dataset_size,
                          "fingerprint": self.data_fingerprint},
             }
             adapter = self.model.adapter
             metadata = {"base": self.config.base, "data": self.config.data, "attention": adapter.attention,
                         "positions": adapter.positions}
-            folder = checkpoints.write_checkpoint(self.run_dir, step, adapter_state, training_state, metadata,
+            folder = run_state.write_checkpoint(self.run_dir, step, adapter_state, training_state, metadata,
                                                   self.config.keep_checkpoints)
             if step == self.config.steps:
-                save_adapter(adapter_state, self.run_dir / checkpoints.ADAPTER_FILE, {**metadata, "step": str(step)})
+                save_adapter(adapter_state, self.run_dir / run_state.ADAPTER_FILE, {**metadata, "step": str(step)})
             logger.info("checkpoint %s", folder)
         self.accelerator.wait_for_everyone()
 
@@ -394,10 +399,10 @@ class Trainer:
                                self.lock.took_over.get("started", "?"))
             if self.resumed_from is not None:
                 logger.info("resumed from %s at step %d", self.resumed_from, self.start_step)
-            if self.is_main and self.start_step == c.steps and not (self.run_dir / checkpoints.ADAPTER_FILE).exists():
+            if self.is_main and self.start_step == c.steps and not (self.run_dir / run_state.ADAPTER_FILE).exists():
                 # resumed at exactly its last checkpoint (a shorter target than first planned): the run's adapter
-                atomic_write(self.run_dir / checkpoints.ADAPTER_FILE, partial(
-                    shutil.copyfile, self.resumed_from / checkpoints.ADAPTER_FILE))
+                atomic_write(self.run_dir / run_state.ADAPTER_FILE, partial(
+                    shutil.copyfile, self.resumed_from / run_state.ADAPTER_FILE))
             finished = self._finished_report()
             if finished is not None:
                 logger.info("the run is already at step %d of %d: nothing to do; report.json left as it is",
@@ -464,7 +469,7 @@ class Trainer:
         tail = losses[-max(1, steps // 10):] if losses else []
         report = {
             "run_dir": str(self.run_dir),
-            "adapter": str(self.run_dir / checkpoints.ADAPTER_FILE),
+            "adapter": str(self.run_dir / run_state.ADAPTER_FILE),
             "steps": c.steps,
             "resumed_from_step": self.start_step if self.resumed_from else None,
             "processes": self.accelerator.num_processes,

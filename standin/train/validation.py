@@ -69,7 +69,7 @@ def face_backend(name: str | None, data: str):
         return None
 
 
-def face_similarity(frames: np.ndarray, reference: PIL.Image.Image, backend) -> dict:
+def validation_face_scores(frames: np.ndarray, reference: PIL.Image.Image, backend) -> dict:
     """FaceSim and face rate of one video (standin.eval), or why it could not be measured."""
     try:
         from standin.eval import evaluate_video
@@ -102,7 +102,7 @@ def run_validation(pipe, cases: list[ValidationCase], folder: Path | None, *, he
         save_image(case.reference, reference_path)
         result = {"case": number, "prompt": case.prompt, "video": str(video)}
         if backend is not None:
-            result.update(face_similarity((np.clip(frames, 0, 1) * 255).round().astype(np.uint8), case.reference,
+            result.update(validation_face_scores((np.clip(frames, 0, 1) * 255).round().astype(np.uint8), case.reference,
                                           backend))
         results.append(result)
     if folder is not None:
