@@ -18,10 +18,6 @@ from standin.train.config import PrepareSettings, TrainConfig  # noqa: E402
 from standin.train.prepare import prepare_dataset  # noqa: E402
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: over ~5 s on 2 cores; `pytest -m 'not slow'` for daily work, CI runs all")
-
-
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models: one thread is several times faster than two fighting over a busy CPU. Restored afterwards."""

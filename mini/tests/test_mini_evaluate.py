@@ -10,6 +10,7 @@ from standin_mini.evaluate import main
 from standin.tiny import tiny_pipeline
 
 
+@pytest.mark.slow
 def test_table_json_and_comparison_sheet(tmp_path):
     pipe = tiny_pipeline(reference_size=64)
     pipe.save_pretrained(tmp_path / "base")

@@ -168,6 +168,7 @@ def test_shipped_adapter_cached_equals_uncached(standin_pipe):
     assert torch.equal(cached, uncached) and not torch.equal(cached, without)
 
 
+@pytest.mark.slow
 def test_shipped_adapter_uses_the_identity(standin_pipe):
     """On held-out clips, the denoising loss is lower with the clip's own reference than without one, and higher
     with another identity's: the adapter reads the identity (measured at the noise level where identity is drawn;
