@@ -145,6 +145,7 @@ def run_generate(args) -> int:
         return fail(device_error(args.device))
 
     from standin.checkpoint import AdapterFileError
+    from standin.io import regular_file_problem
     from standin.lora import LoraFileError, parse_lora_argument
     from standin.video import companion_paths
 
@@ -184,8 +185,9 @@ def run_generate(args) -> int:
         for k in range(1, len(references) + 1)]
     try:
         for reference in references:
-            if not Path(reference).is_file():
-                raise FileNotFoundError(f"reference image not found: {reference}")
+            problem = regular_file_problem(reference, "reference image")
+            if problem:
+                raise FileNotFoundError(f"{reference}: {problem}")
         base, adapter, adapter_low = args.base, args.adapter, args.adapter_low
         if base is None:
             model = default_model()

@@ -49,6 +49,14 @@ def check_writable(path: str | os.PathLike) -> Path:
         raise NotADirectoryError(f"cannot create a folder under {existing}: it is a file")
     if not os.access(existing, os.W_OK):
         raise PermissionError(f"output folder is not writable: {existing}")
+    if existing == path.absolute().parent:
+        # Permission bits do not tell everything (root, read-only or virtual file systems such as /proc): try it.
+        try:
+            handle, probe = tempfile.mkstemp(prefix=f".{path.name}.", dir=existing)
+        except OSError as e:
+            raise PermissionError(f"cannot write in {existing}: {e.strerror or e}") from None
+        os.close(handle)
+        os.unlink(probe)
     return path
 
 

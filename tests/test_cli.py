@@ -65,7 +65,7 @@ def test_bad_inputs_fail_clearly_and_write_nothing(model_folder, tmp_path, capsy
     assert main(args + ["--reference", str(tmp_path / "broken.png")]) == 1
     assert "broken.png" in capsys.readouterr().err
     assert main(args + ["--reference", str(tmp_path / "nothing.png")]) == 1
-    assert "not found" in capsys.readouterr().err
+    assert "no such reference image" in capsys.readouterr().err
     assert main(args + ["--reference", str(model_folder / "face.png"), "--frames", "6"]) == 1
     assert "4k+1" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.mp4"))
@@ -218,3 +218,12 @@ def test_generated_video_records_its_provenance(model_folder, tmp_path):
     tags = read_metadata(tmp_path / "out.mp4")
     assert tags["ai_generated"] == "true" and tags["seed"] == "7" and tags["prompt"] == "a person nods"
     assert tags["adapter_sha256"] == file_sha256(model_folder / "adapter.safetensors")
+
+
+def test_unwritable_output_and_a_folder_as_reference_fail_before_any_work(model_folder, tmp_path, capsys):
+    assert main(["generate", "--base", str(model_folder / "base"), "--adapter", str(model_folder / "adapter.safetensors"),
+                 "--reference", str(model_folder / "face.png"), "--prompt", "x", "-o", "/proc/x.mp4"]) == 1
+    assert "cannot write in /proc" in capsys.readouterr().err
+    assert main(["generate", "--base", str(model_folder / "base"), "--adapter", str(model_folder / "adapter.safetensors"),
+                 "--reference", str(tmp_path), "--prompt", "x", "-o", str(tmp_path / "x.mp4")]) == 1
+    assert "is a folder, not a reference image" in capsys.readouterr().err
