@@ -43,17 +43,19 @@ def sampler_shift(base: str | os.PathLike) -> float:
     return float(json.loads(index.read_text()).get("sampler_shift", SAMPLER_SHIFT))
 
 
-def load_pipeline(base: str | os.PathLike, adapter=None, adapter_2=None, device=None, dtype=None) -> StandInPipeline:
+def load_pipeline(base: str | os.PathLike, adapter=None, adapter_2=None, device=None, dtype=None,
+                  pipeline_class=StandInPipeline) -> StandInPipeline:
     """A ready pipeline on `device` (CUDA if available); transformer and text encoder in `dtype`
-    (bfloat16 on GPU, float32 on CPU), the VAE in float32 as Wan recommends."""
+    (bfloat16 on GPU, float32 on CPU), the VAE in float32 as Wan recommends. pipeline_class: a StandInPipeline
+    subclass for diffusers folders (standin.vace's for VACE)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or default_dtype(device)
     path = Path(base)
     # The VAE loads in float32, as Wan recommends (and without diffusers' warning about casting it afterwards).
     dtypes = {"default": dtype, "vae": torch.float32}
     if path.is_dir() and (path / "model_index.json").is_file():
-        pipe = StandInPipeline.from_pretrained(path, dtype=dtypes, scheduler=standin_scheduler())
-    elif path.is_dir() and is_original_layout(path):
+        pipe = pipeline_class.from_pretrained(path, dtype=dtypes, scheduler=standin_scheduler())
+    elif path.is_dir() and is_original_layout(path) and pipeline_class is StandInPipeline:
         pipe = load_original_layout(path, dtype)
     elif path.exists():
         raise FileNotFoundError(
@@ -61,7 +63,7 @@ def load_pipeline(base: str | os.PathLike, adapter=None, adapter_2=None, device=
             f"(diffusion_pytorch_model*.safetensors and {ORIGINAL_VAE})"
         )
     elif str(base).count("/") == 1 and not str(base).startswith((".", "/")):
-        pipe = StandInPipeline.from_pretrained(str(base), dtype=dtypes, scheduler=standin_scheduler())
+        pipe = pipeline_class.from_pretrained(str(base), dtype=dtypes, scheduler=standin_scheduler())
     else:
         raise FileNotFoundError(f"base model not found: {base}")
     if pipe.config.sampler_shift != SAMPLER_SHIFT:

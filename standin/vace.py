@@ -28,7 +28,7 @@ from diffusers import WanVACEPipeline
 
 from standin.models.reference import reference_stream
 from standin.pipeline import (REFERENCE_SIZE, SAMPLER_SHIFT, StandInPipeline, StandInPipelineOutput,
-                              standin_scheduler, standin_sigmas)
+                              standin_sigmas)
 
 
 class ControlVideoError(ValueError):
@@ -153,10 +153,8 @@ def load_vace_pipeline(base: str | os.PathLike, adapter=None, adapter_2=None, de
                        dtype=None) -> StandInVACEPipeline:
     """A Wan VACE diffusers folder (model_index.json naming WanVACEPipeline, a WanVACETransformer3DModel) as a
     StandInVACEPipeline on `device`, with Stand-In's sampler (shift 5) and the adapter file(s) if given."""
-    from standin.loading import default_dtype
+    from standin.loading import load_pipeline
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or default_dtype(device)
     path = Path(base)
     index = path / "model_index.json"
     if path.exists() and not index.is_file():
@@ -170,16 +168,7 @@ def load_vace_pipeline(base: str | os.PathLike, adapter=None, adapter_2=None, de
         if transformer_class != "WanVACETransformer3DModel":
             raise ValueError(f"{path} is not a Wan VACE model (its transformer is {transformer_class}): --control "
                              "needs a VACE base such as Wan2.1-VACE-14B-diffusers")
-    elif str(base).count("/") != 1 or str(base).startswith((".", "/")):
-        raise FileNotFoundError(f"base model not found: {base}")
-    pipe = StandInVACEPipeline.from_pretrained(str(base), dtype={"default": dtype, "vae": torch.float32},
-                                               scheduler=standin_scheduler())
-    if pipe.config.sampler_shift != SAMPLER_SHIFT:
-        pipe.register_modules(scheduler=standin_scheduler(pipe.config.sampler_shift))
-    pipe.to(device)
-    if adapter is not None:
-        pipe.load_standin_adapter(adapter, adapter_2)
-    return pipe
+    return load_pipeline(base, adapter, adapter_2, device, dtype, pipeline_class=StandInVACEPipeline)
 
 
 def control_frames_as_images(frames: np.ndarray) -> list[PIL.Image.Image]:

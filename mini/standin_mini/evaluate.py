@@ -29,11 +29,12 @@ from standin.checkpoint import load_adapter
 from standin.eval import evaluate_video
 from standin.io import save_image, save_text
 from standin.loading import load_pipeline
+from standin.video import to_uint8
 from standin_mini.data import make_clip, make_reference, split_identity
 from standin_mini.identity import MiniFaceBackend, check_prompt
 from standin_mini.prompts import sample_prompt
+from standin_mini.sheet import stack_rows
 from standin_mini.world import identity as world_identity
-from standin.video import to_uint8
 
 VARIANT_NAMES = {
     "world": "world render (ceiling)",
@@ -72,9 +73,9 @@ def reference_use(pipe, adapters: dict, count: int = 48, seed: int = 0, size=(17
     with the clip's own reference ("right"), another held-out identity's ("wrong", the batch rolled by one) and
     none (the base). Independent of how well the model draws: a model that uses the identity has right < base <
     wrong."""
-    from standin_mini.data import MiniClipDataset
     from standin.models import StandInModel
     from standin.train.data import PromptEncoder, vae_latents
+    from standin_mini.data import MiniClipDataset
 
     if not adapters:
         return {}
@@ -179,12 +180,7 @@ def comparison_sheet(examples: list[dict], frames_shown: int = 6) -> Image.Image
             for slot, index in enumerate(np.linspace(0, len(frames) - 1, frames_shown).round().astype(int), 1):
                 row.paste(Image.fromarray(frames[index]), (slot * width, 0))
             rows.append(row)
-    sheet = Image.new("RGB", (rows[0].width, sum(r.height for r in rows)), "white")
-    top = 0
-    for row in rows:
-        sheet.paste(row, (0, top))
-        top += row.height
-    return sheet
+    return stack_rows(rows)
 
 
 def guided_name(scale: float, steps: int | None) -> str:

@@ -14,6 +14,16 @@ from standin_mini.data import HELDOUT_IDENTITIES, make_clip, make_reference, spl
 from standin_mini.prompts import sample_prompt
 
 
+def stack_rows(rows: list[Image.Image]) -> Image.Image:
+    """Images one under the other, left-aligned, on white."""
+    sheet = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
+    top = 0
+    for row in rows:
+        sheet.paste(row, (0, top))
+        top += row.height
+    return sheet
+
+
 def identity_sheet(identity_ids, columns: int = 8, tile: int = 96, seed: int = 0) -> Image.Image:
     """Each identity in a frontal portrait, in a scene and light of its own."""
     rng = np.random.default_rng(seed)

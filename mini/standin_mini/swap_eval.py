@@ -40,6 +40,7 @@ from standin_mini.data import make_clip, make_reference, split_identity
 from standin_mini.evaluate import held_out_cases, through_vae
 from standin_mini.identity import MiniFaceBackend
 from standin_mini.model import load_mini_pipeline
+from standin_mini.sheet import stack_rows
 from standin_mini.world import identity as world_identity
 
 STRENGTHS = (0.7, 0.85, 1.0)
@@ -138,12 +139,7 @@ def contact_sheet(examples: list[dict], frames_shown: int = 6, zoom: int = 2) ->
             ImageDraw.Draw(labelled).text((4, row.height // 2 - 6), label, fill=(0, 0, 0))
             rows.append(labelled)
         rows.append(Image.new("RGB", (rows[-1].width, 6), "white"))
-    sheet = Image.new("RGB", (rows[0].width, sum(r.height for r in rows)), "white")
-    top = 0
-    for row in rows:
-        sheet.paste(row, (0, top))
-        top += row.height
-    return sheet
+    return stack_rows(rows)
 
 
 def evaluate(count: int, out: str, sheet: str | None, guidances=(5.0,), strengths=STRENGTHS, steps: int = 20,
