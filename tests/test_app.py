@@ -101,6 +101,7 @@ def browser():
     return webdriver.Chrome(service=Service(executable_path=driver), options=options)
 
 
+@pytest.mark.slow
 def test_browser_upload_generate_and_bad_input(served, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys

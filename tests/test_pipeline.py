@@ -75,6 +75,7 @@ def test_batched_guidance_equals_sequential(pipe):
     assert relative_error(run(pipe, reference, batch_guidance="auto"), sequential) <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_the_reference_changes_the_video_and_identities_never_leak(pipe):
     base = run(pipe)
     first, second = reference_image(1), reference_image(2)

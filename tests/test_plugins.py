@@ -19,6 +19,7 @@ def run_python(code: str) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_every_product_module_imports_without_the_mini_package():
     """standin_mini made unimportable: every standin.* module still imports, and none tried to import it."""
     out = run_python("""

@@ -53,6 +53,7 @@ def prepared(videos, tmp_path_factory):
     return output, prepare_dataset(videos, output, PrepareSettings(**SETTINGS), progress=False)
 
 
+@pytest.mark.slow
 def test_clips_are_cut_cropped_and_resampled(prepared):
     output, manifest = prepared
     assert [clip["id"] for clip in manifest["clips"]] == ["astronaut_000", "astronaut_001", "json__astronaut_000"]
