@@ -38,23 +38,6 @@ class GenerationCancelled(Exception):
 
 
 # ---- the model -------------------------------------------------------------------------------------------
-def default_model() -> dict:
-    """{"base": folder, "adapter": file} of the installed default model: the `standin.models` entry point
-    "mini" (the standin-mini package), or the mini model embedded in older checkouts (standin.mini)."""
-    from importlib.metadata import entry_points
-
-    for entry in entry_points(group="standin.models"):
-        if entry.name == "mini":
-            return dict(entry.load()())
-    try:
-        module = __import__("standin.mini.model", fromlist=["MINI_WEIGHTS", "MINI_ADAPTER"])
-    except ImportError:
-        raise FileNotFoundError(
-            "no default model is installed (the `standin.models` entry point `mini` of the standin-mini "
-            "package): install it, or pass --base and --adapter") from None
-    return {"base": str(module.MINI_WEIGHTS), "adapter": str(module.MINI_ADAPTER)}
-
-
 @dataclass
 class LoadedModel:
     pipe: object
@@ -73,6 +56,7 @@ class LoadedModel:
 def load_model(base=None, adapter=None, adapter_low=None, device=None, face_backend=None) -> LoadedModel:
     import torch
 
+    from standin.commands import default_model
     from standin.loading import load_pipeline
 
     is_default = base is None

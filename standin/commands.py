@@ -89,7 +89,7 @@ def add_parser(subparsers) -> None:
 GENERATE_DEFAULTS = {"steps": 20, "guidance": 5.0}  # what --preset replaces when they are not given
 
 
-class NoDefaultModelError(Exception):
+class NoDefaultModelError(FileNotFoundError):
     pass
 
 

@@ -196,8 +196,9 @@ def test_the_reference_preview_says_why_preprocessing_fell_back(tmp_path):
     assert note.startswith("Face preprocessing fell back to the whole image:"), note
 
 
-def test_the_default_model_comes_from_the_entry_point_first(monkeypatch):
-    import importlib.metadata
+def test_the_default_model_comes_from_the_entry_point(monkeypatch):
+    import standin.plugins
+    from standin.commands import default_model
 
     class Entry:
         name = "mini"
@@ -205,14 +206,8 @@ def test_the_default_model_comes_from_the_entry_point_first(monkeypatch):
         def load(self):
             return lambda: {"base": "/models/mini", "adapter": "/models/mini.safetensors"}
 
-    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [Entry()] if group == "standin.models" else [])
-    assert standin_app.default_model() == {"base": "/models/mini", "adapter": "/models/mini.safetensors"}
-    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [])
-    import importlib.util
-
-    if importlib.util.find_spec("standin.mini") is None:  # after the split: no fallback, a clear error
-        with pytest.raises(FileNotFoundError, match="no default model is installed"):
-            standin_app.default_model()
-    else:  # before the split: the model embedded in standin.mini
-        found = standin_app.default_model()
-        assert Path(found["base"]).name == "base" and found["adapter"].endswith(".safetensors")
+    monkeypatch.setattr(standin.plugins, "entry_points", lambda group: [Entry()] if group == "standin.models" else [])
+    assert default_model() == {"base": "/models/mini", "adapter": "/models/mini.safetensors"}
+    monkeypatch.setattr(standin.plugins, "entry_points", lambda group: [])
+    with pytest.raises(FileNotFoundError, match="no default model is installed"):
+        standin_app.load_model()
