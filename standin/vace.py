@@ -134,11 +134,15 @@ class StandInVACEPipeline(WanVACEPipeline):
                 latents = self.encode_reference_image(reference)
                 height, width = kwargs.get("height", 480), kwargs.get("width", 832)
                 num_frames = kwargs.get("num_frames", 81)
+                # VACE's own reference images are latent frames in front of the video: the transformer's grid
+                # counts them, and the Stand-In reference sits at time -1 before the first of them, as in the
+                # published implementation (docs/compositions.md).
+                frames = (num_frames - 1) // self.vae_scale_factor_temporal + 1 + vace_reference_count(
+                    kwargs.get("reference_images"))
                 for name, model in experts.items():
                     p_t, p_h, p_w = model.config.patch_size
                     spatial = self.vae_scale_factor_spatial
-                    grid = (((num_frames - 1) // self.vae_scale_factor_temporal + 1) // p_t,
-                            height // spatial // p_h, width // spatial // p_w)
+                    grid = (frames // p_t, height // spatial // p_h, width // spatial // p_w)
                     adapter = self.adapters[name].to(model.patch_embedding.weight.device)
                     cache = cache_reference and adapter.attention == "restricted"
                     stack.enter_context(reference_stream(model, adapter, latents.to(model.device), grid, cache))
@@ -147,6 +151,17 @@ class StandInVACEPipeline(WanVACEPipeline):
         if not kwargs.get("return_dict", True):
             return frames, reference
         return StandInPipelineOutput(frames=frames, reference=reference)
+
+
+def vace_reference_count(reference_images) -> int:
+    """How many latent frames VACE's `reference_images` put in front of the video (one per image; a list of lists
+    is per batch sample, each of the same length, as WanVACEPipeline requires)."""
+    if reference_images is None:
+        return 0
+    if isinstance(reference_images, PIL.Image.Image):
+        return 1
+    first = next(iter(reference_images), None)
+    return len(first) if isinstance(first, (list, tuple)) else len(reference_images)
 
 
 def load_vace_pipeline(base: str | os.PathLike, adapter=None, adapter_2=None, device=None,

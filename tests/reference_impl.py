@@ -66,11 +66,66 @@ def _attention(q, k, v, mask=None):
     return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
 
 
+def _self_attention(weights, p, normed, angles, mask, heads, head_dim, eps, loras=None, is_reference=None):
+    """Block `p`'s self-attention on modulated tokens; with `loras`, the reference tokens' projections add
+    their LoRA. Returns the attention output (before the gate) and the rotated keys and values."""
+    projected = {}
+    for name in "qkv":
+        out = _linear(weights, f"{p}.attn1.to_{name}", normed)
+        if loras is not None:
+            a, b = loras[f"{name}_loras.down.weight"], loras[f"{name}_loras.up.weight"]
+            out = out + (normed @ a.T @ b.T) * is_reference[None, :, None]
+        projected[name] = out
+    q = _rms_norm(projected["q"], weights[f"{p}.attn1.norm_q.weight"], eps).unflatten(2, (heads, head_dim))
+    k = _rms_norm(projected["k"], weights[f"{p}.attn1.norm_k.weight"], eps).unflatten(2, (heads, head_dim))
+    v = projected["v"].unflatten(2, (heads, head_dim))
+    q, k = rotate(q, angles), rotate(k, angles)
+    return _linear(weights, f"{p}.attn1.to_out.0", _attention(q, k, v, mask).flatten(2)), (k, v)
+
+
+def _text_attention(weights, p, x, context, heads, head_dim, eps):
+    normed = _layer_norm(x, eps, weights.get(f"{p}.norm2.weight"), weights.get(f"{p}.norm2.bias"))
+    q = _rms_norm(_linear(weights, f"{p}.attn2.to_q", normed), weights[f"{p}.attn2.norm_q.weight"], eps)
+    k = _rms_norm(_linear(weights, f"{p}.attn2.to_k", context), weights[f"{p}.attn2.norm_k.weight"], eps)
+    v = _linear(weights, f"{p}.attn2.to_v", context)
+    attended = _attention(*(t.unflatten(2, (heads, head_dim)) for t in (q, k, v))).flatten(2)
+    return _linear(weights, f"{p}.attn2.to_out.0", attended)
+
+
+def _feed_forward(weights, p, normed):
+    return _linear(weights, f"{p}.ffn.net.2", F.gelu(_linear(weights, f"{p}.ffn.net.0.proj", normed),
+                                                      approximate="tanh"))
+
+
+def _vace_hints(weights, video, control, modulation, angles, context, config):
+    """VACE's control branch (Wan VACE): the control latents embedded, added to the video tokens, and run through
+    the VACE blocks on video positions alone; each block's output projection is the hint for its main block."""
+    heads, head_dim, eps = config["num_attention_heads"], config["attention_head_dim"], config["eps"]
+    c = F.conv3d(control, weights["vace_patch_embedding.weight"], weights["vace_patch_embedding.bias"],
+                 stride=(1, 2, 2)).flatten(2).transpose(1, 2)
+    c = _linear(weights, "vace_blocks.0.proj_in", c) + video
+    hints = []
+    for i in range(len(config["vace_layers"])):
+        p = f"vace_blocks.{i}"
+        shift, scale, gate, ff_shift, ff_scale, ff_gate = (weights[f"{p}.scale_shift_table"] + modulation).unbind(1)
+        attended, _ = _self_attention(weights, p, _layer_norm(c, eps) * (1 + scale[:, None]) + shift[:, None],
+                                      angles, None, heads, head_dim, eps)
+        c = c + attended * gate[:, None]
+        c = c + _text_attention(weights, p, c, context, heads, head_dim, eps)
+        c = c + _feed_forward(weights, p, _layer_norm(c, eps) * (1 + ff_scale[:, None]) + ff_shift[:, None]) * \
+            ff_gate[:, None]
+        hints.append(_linear(weights, f"{p}.proj_out", c))
+    return hints
+
+
 def standin_forward(weights, config, adapter_weights, latents, timestep, text, reference_latents=None,
-                    restricted=True, shared_positions=False, return_reference_kv=False):
+                    restricted=True, shared_positions=False, return_reference_kv=False, control=None,
+                    control_scale=1.0):
     """Joint Stand-In forward. weights: base state dict; adapter_weights: official-name LoRA state dict.
     restricted=False is the paper's "vanilla self-attention" ablation (reference queries see the video too);
-    shared_positions=True its other ablation (reference at positions (0, j, k) on the video's grid)."""
+    shared_positions=True its other ablation (reference at positions (0, j, k) on the video's grid).
+    control: a Wan VACE base's control latents; their hints are added to the video tokens after the main blocks
+    config["vace_layers"] names (the reference tokens never enter the VACE blocks)."""
     heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
     eps = config["eps"]
     batch, _, frames, height, width = latents.shape
@@ -86,6 +141,8 @@ def standin_forward(weights, config, adapter_weights, latents, timestep, text, r
     temb, mod_t = _time_projection(weights, timestep, config["freq_dim"])
     context = _linear(weights, "condition_embedder.text_embedder.linear_2", F.gelu(
         _linear(weights, "condition_embedder.text_embedder.linear_1", text), approximate="tanh"))
+    hints = [] if control is None else _vace_hints(weights, video, control, mod_t, rope_angles(positions, head_dim),
+                                                   context, config)
 
     group = torch.full((num_video,), -1)  # -1: video; k: reference k
     if reference_latents is None:
@@ -114,35 +171,23 @@ def standin_forward(weights, config, adapter_weights, latents, timestep, text, r
         table = weights[f"{p}.scale_shift_table"][:, None] + modulation  # [B, L, 6, D]
         shift, scale, gate, ff_shift, ff_scale, ff_gate = table.unbind(2)
 
-        normed = _layer_norm(x, eps) * (1 + scale) + shift
-        projected = {}
-        for name in "qkv":
-            out = _linear(weights, f"{p}.attn1.to_{name}", normed)
-            if reference_latents is not None:
-                a = adapter_weights[f"blocks.{i}.self_attn.{name}_loras.down.weight"]
-                b = adapter_weights[f"blocks.{i}.self_attn.{name}_loras.up.weight"]
-                out = out + (normed @ a.T @ b.T) * is_reference[None, :, None]
-            projected[name] = out
-        q = _rms_norm(projected["q"], weights[f"{p}.attn1.norm_q.weight"], eps).unflatten(2, (heads, head_dim))
-        k = _rms_norm(projected["k"], weights[f"{p}.attn1.norm_k.weight"], eps).unflatten(2, (heads, head_dim))
-        v = projected["v"].unflatten(2, (heads, head_dim))
-        q, k = rotate(q, angles), rotate(k, angles)
+        loras = None if reference_latents is None else {
+            name.removeprefix(f"blocks.{i}.self_attn."): value for name, value in adapter_weights.items()
+            if name.startswith(f"blocks.{i}.self_attn.")}
+        attended, (k, v) = _self_attention(weights, p, _layer_norm(x, eps) * (1 + scale) + shift, angles, mask,
+                                           heads, head_dim, eps, loras, is_reference)
         reference_kv.append((k[:, num_video:], v[:, num_video:]))
-        attended = _attention(q, k, v, mask).flatten(2)
-        x = x + _linear(weights, f"{p}.attn1.to_out.0", attended) * gate
+        x = x + attended * gate
 
         # Cross-attention to the text: video tokens only.
         video_part = x[:, :num_video]
-        normed = _layer_norm(video_part, eps, weights[f"{p}.norm2.weight"], weights[f"{p}.norm2.bias"])
-        cq = _rms_norm(_linear(weights, f"{p}.attn2.to_q", normed), weights[f"{p}.attn2.norm_q.weight"], eps)
-        ck = _rms_norm(_linear(weights, f"{p}.attn2.to_k", context), weights[f"{p}.attn2.norm_k.weight"], eps)
-        cv = _linear(weights, f"{p}.attn2.to_v", context)
-        cross = _attention(*(t.unflatten(2, (heads, head_dim)) for t in (cq, ck, cv))).flatten(2)
-        x = torch.cat([video_part + _linear(weights, f"{p}.attn2.to_out.0", cross), x[:, num_video:]], dim=1)
+        video_part = video_part + _text_attention(weights, p, video_part, context, heads, head_dim, eps)
+        x = torch.cat([video_part, x[:, num_video:]], dim=1)
 
-        normed = _layer_norm(x, eps) * (1 + ff_scale) + ff_shift
-        hidden = F.gelu(_linear(weights, f"{p}.ffn.net.0.proj", normed), approximate="tanh")
-        x = x + _linear(weights, f"{p}.ffn.net.2", hidden) * ff_gate
+        x = x + _feed_forward(weights, p, _layer_norm(x, eps) * (1 + ff_scale) + ff_shift) * ff_gate
+        if i in config.get("vace_layers", ()) and hints:
+            hint = hints[list(config["vace_layers"]).index(i)] * control_scale
+            x = torch.cat([x[:, :num_video] + hint, x[:, num_video:]], dim=1)
 
     shift, scale = (weights["scale_shift_table"] + temb[:, None]).unbind(1)
     out = _linear(weights, "proj_out", _layer_norm(x[:, :num_video], eps) * (1 + scale[:, None]) + shift[:, None])

@@ -6,13 +6,14 @@ import pytest
 import torch
 from diffusers import WanVACEPipeline, WanVACETransformer3DModel
 
-from conftest import randomize_lora_up, reference_image
+from conftest import randomize_lora_up, reference_image, relative_error
+from reference_impl import standin_forward
 from standin.models.adapter import StandInAdapter
 from standin.models.reference import StandInSelfAttention
 from standin.pipeline import standin_scheduler
 from standin.tiny import TRANSFORMER_CONFIGS, byte_tokenizer, tiny_text_encoder, tiny_vae
 from standin.vace import (ControlVideoError, StandInVACEPipeline, prepare_control_video, read_control_video,
-                          standin_timesteps)
+                          standin_timesteps, vace_reference_count)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -186,11 +187,56 @@ def test_two_experts_each_with_its_adapter_and_cache():
     assert torch.equal(cached, pipe(**args, cache_reference=False).frames)
 
 
-def test_vace_reference_images_with_a_stand_in_reference_are_refused_not_misplaced():
-    # VACE's own reference images add latent frames the Stand-In positions do not account for yet: a loud error.
-    pipe = standin_vace()
-    args = call_args(reference_image=reference_image(), preprocess_reference=False,
-                     reference_images=[reference_image(seed=4, size=(32, 32))], latents=None,
-                     generator=torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match="video grid"):
+def first_forward(pipe, **args):
+    """The transformer's inputs and output at the first forward of a pipeline call."""
+    seen = {}
+
+    def keep_inputs(module, args, kwargs):
+        seen.setdefault("inputs", {k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()})
+
+    def keep_output(module, args, kwargs, output):
+        seen.setdefault("output", output[0].clone())
+
+    hooks = [pipe.transformer.register_forward_pre_hook(keep_inputs, with_kwargs=True),
+             pipe.transformer.register_forward_hook(keep_output, with_kwargs=True)]
+    try:
         pipe(**args)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen["inputs"], seen["output"]
+
+
+def independent(pipe, inputs, reference_latents):
+    """tests/reference_impl.py on the transformer's weights and the captured inputs."""
+    return standin_forward(pipe.transformer.state_dict(), dict(pipe.transformer.config),
+                           pipe.adapters["transformer"].state_dict(), inputs["hidden_states"], inputs["timestep"],
+                           inputs["encoder_hidden_states"], reference_latents,
+                           control=inputs["control_hidden_states"],
+                           control_scale=inputs["control_hidden_states_scale"][0])
+
+
+@pytest.mark.parametrize("vace_references", [0, 1, 2])
+def test_with_a_reference_it_matches_the_independent_implementation(vace_references):
+    # VACE's own reference images are latent frames in front of the video; the Stand-In reference sits at time -1
+    # before the first of them (the published implementation's positions), which the independent implementation
+    # computes on the captured latents' own grid.
+    pipe = standin_vace()
+
+    def args(**extra):
+        if vace_references:  # the latents (with the extra frames) drawn by the pipeline, from one seed
+            extra.update(reference_images=[reference_image(seed=4 + k, size=(32, 32)) for k in range(vace_references)],
+                         latents=None, generator=torch.Generator().manual_seed(0))
+        return call_args(reference_image=reference_image(), preprocess_reference=False, **extra)
+
+    inputs, output = first_forward(pipe, **args())
+    assert inputs["hidden_states"].shape[2] == 2 + vace_references
+    latents = pipe.encode_reference_image(pipe.prepare_reference_image(reference_image(), False))
+    assert relative_error(output, independent(pipe, inputs, latents)) <= 1e-5
+    assert relative_error(output, independent(pipe, inputs, None)) > 1e-3  # the reference acts
+    assert torch.equal(pipe(**args()).frames, pipe(**args(cache_reference=False)).frames)
+
+
+def test_vace_reference_count():
+    image = reference_image()
+    assert [vace_reference_count(x) for x in (None, image, [image, image], [[image, image]])] == [0, 1, 2, 2]
