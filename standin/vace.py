@@ -14,7 +14,7 @@ sampler: sigma_i = 1 - i/N shifted) the scheduler's timesteps are Stand-In's; `s
 diffusers' own schedule.
 
 The control video fixes the video's size and length: frames are centre-cropped to multiples of 16 pixels (VAE
-stride 8 x patch 2) and trimmed to 4k+1 frames.
+stride 8 x patch 2) and trimmed to 4k+1 frames; or resized to a size asked, of the same aspect.
 """
 
 import contextlib
@@ -35,31 +35,50 @@ class ControlVideoError(ValueError):
     """A control video that cannot be used; the message is one line."""
 
 
-def prepare_control_video(frames, multiple: int = 16, temporal: int = 4, max_frames: int | None = None) -> np.ndarray:
-    """uint8 frames [F, H, W, 3] -> centre-cropped to multiples of `multiple` and trimmed to temporal*k+1 frames
-    (at most max_frames)."""
+def prepare_control_video(frames, multiple: int = 16, temporal: int = 4, num_frames: int | None = None,
+                          size: tuple[int, int] | None = None) -> np.ndarray:
+    """uint8 frames [F, H, W, 3] -> the control video the model takes: the first `num_frames` frames (default: all)
+    trimmed to temporal*k+1, and centre-cropped to multiples of `multiple`; or, with size=(height, width), resized
+    to that size, which must be multiples of `multiple` and have the video's aspect ratio (within 2%, about what
+    the crop to multiples of 16 changes anyway): a different aspect would stretch the poses."""
     frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3:
+    if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
         raise ControlVideoError(f"a control video is frames [F, H, W, 3], got shape {tuple(frames.shape)}")
     count, height, width = frames.shape[:3]
-    if max_frames is not None:
-        count = min(count, max_frames)
+    if num_frames is not None:
+        if num_frames > count:
+            raise ControlVideoError(f"the control video has {count} frames, fewer than the {num_frames} asked")
+        count = num_frames
     count = (count - 1) // temporal * temporal + 1
+    if size is not None:
+        asked_h, asked_w = size
+        if asked_h % multiple or asked_w % multiple or asked_h <= 0 or asked_w <= 0:
+            raise ControlVideoError(f"the size asked, {asked_w}x{asked_h}, must be positive multiples of {multiple}")
+        if abs(asked_w / asked_h / (width / height) - 1) > 0.02:
+            raise ControlVideoError(f"the control video is {width}x{height} px, another aspect than the {asked_w}x"
+                                    f"{asked_h} asked: crop it, or drop --height/--width to follow the video")
+        resized = [np.asarray(PIL.Image.fromarray(frame).resize((asked_w, asked_h), PIL.Image.BICUBIC))
+                   for frame in frames[:count]]
+        return np.stack(resized)
     crop_h, crop_w = height // multiple * multiple, width // multiple * multiple
-    if crop_h == 0 or crop_w == 0 or count < 1:
+    if crop_h == 0 or crop_w == 0:
         raise ControlVideoError(f"the control video is {width}x{height} px: at least {multiple}x{multiple} needed")
     top, left = (height - crop_h) // 2, (width - crop_w) // 2
     return np.ascontiguousarray(frames[:count, top:top + crop_h, left:left + crop_w])
 
 
-def read_control_video(path, multiple: int = 16, temporal: int = 4, max_frames: int | None = None) -> np.ndarray:
+def read_control_video(path, multiple: int = 16, temporal: int = 4, num_frames: int | None = None,
+                       size: tuple[int, int] | None = None) -> np.ndarray:
     from standin.video import VideoReadError, read_video
 
     try:
         frames = read_video(path)
     except (VideoReadError, OSError, ValueError) as error:
         raise ControlVideoError(f"control video: {error}".splitlines()[0]) from None
-    return prepare_control_video(frames, multiple, temporal, max_frames)
+    try:
+        return prepare_control_video(frames, multiple, temporal, num_frames, size)
+    except ControlVideoError as error:
+        raise ControlVideoError(f"{path}: {error}") from None
 
 
 @contextlib.contextmanager

@@ -90,7 +90,17 @@ def test_with_a_reference_cached_equals_uncached_and_vace_blocks_never_see_it():
 def test_control_video_sizes_and_bad_files(tmp_path):
     frames = np.zeros((12, 50, 70, 3), np.uint8)
     assert prepare_control_video(frames).shape == (9, 48, 64, 3)
-    assert prepare_control_video(frames, max_frames=6).shape == (5, 48, 64, 3)
+    assert prepare_control_video(frames, num_frames=6).shape == (5, 48, 64, 3)
+    with pytest.raises(ControlVideoError, match="12 frames, fewer than the 17 asked"):
+        prepare_control_video(frames, num_frames=17)
+    wide = np.zeros((5, 48, 81, 3), np.uint8)
+    assert prepare_control_video(wide, size=(48, 80)).shape == (5, 48, 80, 3)  # aspects 1.69 and 1.67: within 2%
+    with pytest.raises(ControlVideoError, match="another aspect"):
+        prepare_control_video(wide, size=(48, 48))
+    with pytest.raises(ControlVideoError, match="multiples of 16"):
+        prepare_control_video(wide, size=(36, 64))
+    with pytest.raises(ControlVideoError, match="shape"):
+        prepare_control_video(np.zeros((0, 32, 32, 3), np.uint8))
     with pytest.raises(ControlVideoError, match="at least 16x16"):
         prepare_control_video(np.zeros((5, 10, 40, 3), np.uint8))
     (tmp_path / "pose.mp4").write_text("not a video")
