@@ -12,6 +12,7 @@ import sys
 # through the `standin.commands` entry points (standin.plugins), e.g. `standin mini` from standin-mini.
 SUBCOMMAND_MODULES = (
     "standin.commands",
+    "standin.control",
     "standin.bench_cli",
     "standin.preprocess.cli",
     "standin.eval.cli",

@@ -173,7 +173,7 @@ def run_generate(args) -> int:
         from standin.vace import ControlVideoError, read_control_video
 
         try:
-            control = read_control_video(args.control, max_frames=args.frames)
+            control = read_control_video(args.control, num_frames=args.frames)
         except ControlVideoError as error:
             return fail(str(error))
 
