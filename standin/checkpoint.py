@@ -159,12 +159,17 @@ def validate_state_dict(state_dict: dict[str, torch.Tensor], dim: int, num_layer
     return rank
 
 
-def read_variant(path: str | os.PathLike) -> dict:
-    """The method variant an adapter was trained for (our safetensors record it; official files are the method)."""
+def read_metadata(path: str | os.PathLike) -> dict:
+    """A safetensors adapter's metadata ({} for other formats)."""
     if not is_safetensors(path):
         return {}
     with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
+        return handle.metadata() or {}
+
+
+def read_variant(path: str | os.PathLike) -> dict:
+    """The method variant an adapter was trained for (our safetensors record it; official files are the method)."""
+    metadata = read_metadata(path)
     return {key: metadata[key] for key in ("attention", "positions") if key in metadata}
 
 

@@ -35,6 +35,11 @@ def is_original_layout(folder: Path) -> bool:
     return (folder / ORIGINAL_VAE).is_file() and any(folder.glob("diffusion_pytorch_model*.safetensors"))
 
 
+def is_hub_id(base: str | os.PathLike) -> bool:
+    """What load_pipeline takes for a hub id when it is no local path: owner/name."""
+    return str(base).count("/") == 1 and not str(base).startswith((".", "/"))
+
+
 def sampler_shift(base: str | os.PathLike) -> float:
     """The Euler shift a base was trained for: what a StandInPipeline folder records, else the published 5."""
     index = Path(base) / "model_index.json"
@@ -43,18 +48,42 @@ def sampler_shift(base: str | os.PathLike) -> float:
     return float(json.loads(index.read_text()).get("sampler_shift", SAMPLER_SHIFT))
 
 
+def has_two_experts(base: str | os.PathLike) -> bool:
+    """Whether a base is Wan2.2's pair of experts (its model_index.json names a transformer_2), read without
+    loading any weights. An original-layout folder is Wan2.1: one transformer."""
+    path = Path(base)
+    if path.exists():
+        index = path / "model_index.json"
+        config = json.loads(index.read_text()) if index.is_file() else {}
+    elif is_hub_id(base):  # its model_index.json only
+        config = StandInPipeline.load_config(str(base))
+    else:  # load_pipeline says it is not found
+        return False
+    return (config.get("transformer_2") or [None])[0] is not None
+
+
 def load_pipeline(base: str | os.PathLike, adapter=None, adapter_2=None, device=None, dtype=None,
-                  pipeline_class=StandInPipeline) -> StandInPipeline:
+                  pipeline_class=StandInPipeline, expert: str | None = None) -> StandInPipeline:
     """A ready pipeline on `device` (CUDA if available); transformer and text encoder in `dtype`
     (bfloat16 on GPU, float32 on CPU), the VAE in float32 as Wan recommends. pipeline_class: a StandInPipeline
-    subclass for diffusers folders (standin.vace's for VACE)."""
+    subclass for diffusers folders (standin.vace's for VACE). expert ("high" or "low", two-expert bases only):
+    that expert alone, as the pipeline's `transformer` (what training one expert needs); the other one is never
+    read from disk, so a 14B expert's pair never has to fit in memory at once."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or default_dtype(device)
     path = Path(base)
     # The VAE loads in float32, as Wan recommends (and without diffusers' warning about casting it afterwards).
     dtypes = {"default": dtype, "vae": torch.float32}
+    components = {}
+    if expert is not None:
+        if expert not in ("high", "low") or not has_two_experts(base):
+            raise ValueError(f"expert {expert!r}: give high or low, for a base with two experts (Wan2.2)")
+        components["transformer_2"] = None
+        if expert == "low":
+            components["transformer"] = WanTransformer3DModel.from_pretrained(str(base), subfolder="transformer_2",
+                                                                              dtype=dtype)
     if path.is_dir() and (path / "model_index.json").is_file():
-        pipe = pipeline_class.from_pretrained(path, dtype=dtypes, scheduler=standin_scheduler())
+        pipe = pipeline_class.from_pretrained(path, dtype=dtypes, scheduler=standin_scheduler(), **components)
     elif path.is_dir() and is_original_layout(path) and pipeline_class is StandInPipeline:
         pipe = load_original_layout(path, dtype)
     elif path.exists():
@@ -62,8 +91,8 @@ def load_pipeline(base: str | os.PathLike, adapter=None, adapter_2=None, device=
             f"{path} is neither a Wan diffusers folder (model_index.json) nor an original Wan folder "
             f"(diffusion_pytorch_model*.safetensors and {ORIGINAL_VAE})"
         )
-    elif str(base).count("/") == 1 and not str(base).startswith((".", "/")):
-        pipe = pipeline_class.from_pretrained(str(base), dtype=dtypes, scheduler=standin_scheduler())
+    elif is_hub_id(base):
+        pipe = pipeline_class.from_pretrained(str(base), dtype=dtypes, scheduler=standin_scheduler(), **components)
     else:
         raise FileNotFoundError(f"base model not found: {base}")
     if pipe.config.sampler_shift != SAMPLER_SHIFT:

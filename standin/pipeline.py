@@ -20,7 +20,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 from diffusers.utils import BaseOutput
 
-from standin.checkpoint import load_adapter
+from standin.checkpoint import load_adapter, read_metadata
 from standin.models.adapter import StandInAdapter
 from standin.models.reference import install_reference_attention, reference_stream, video_grid
 
@@ -206,8 +206,13 @@ class StandInPipeline(WanPipeline):
             raise ValueError("this Wan2.2 pipeline has two experts: give the *_high and the *_low adapter files")
         if len(experts) == 1 and path_2 is not None:
             raise ValueError("this pipeline has one transformer, but two adapter files were given")
-        for expert, file in zip(experts, (path, path_2)):
-            self.set_standin_adapter(load_adapter(file, experts[expert]), expert)
+        for expert, file, role in zip(experts, (path, path_2), ("high", "low")):
+            adapter = load_adapter(file, experts[expert])
+            trained_for = read_metadata(file).get("expert")  # `standin train --expert` records it
+            if len(experts) == 2 and trained_for not in (None, role):
+                raise ValueError(f"{file} is the {trained_for}-noise expert's adapter, given as the {role}-noise one "
+                                 "(the *_high file goes first, then the *_low file)")
+            self.set_standin_adapter(adapter, expert)
 
     # ---- reference ------------------------------------------------------------------------------------------
     def prepare_reference_image(self, image, preprocess: bool = True) -> PIL.Image.Image:

@@ -63,8 +63,11 @@ def tiny_text_encoder(d_model: int = 32, num_layers: int = 2, seed: int = 0) -> 
     return UMT5EncoderModel(config).eval()
 
 
-def tiny_pipeline(seed: int = 0, size: str = "tiny", reference_size: int = 32, with_adapter: bool = True):
-    """A complete StandInPipeline of tiny random components (text_dim matches the tiny text encoder)."""
+def tiny_pipeline(seed: int = 0, size: str = "tiny", reference_size: int = 32, with_adapter: bool = True,
+                  two_experts: bool = False, boundary_ratio: float = 0.875):
+    """A complete StandInPipeline of tiny random components (text_dim matches the tiny text encoder). two_experts:
+    a Wan2.2-like base, its low-noise `transformer_2` another random transformer, switched to below
+    boundary_ratio * 1000 (Wan2.2-A14B's 0.875)."""
     from standin.models.adapter import StandInAdapter
     from standin.pipeline import StandInPipeline, standin_scheduler
 
@@ -72,12 +75,15 @@ def tiny_pipeline(seed: int = 0, size: str = "tiny", reference_size: int = 32, w
     pipe = StandInPipeline(
         tokenizer=byte_tokenizer(), text_encoder=text_encoder, vae=tiny_vae(seed), scheduler=standin_scheduler(),
         transformer=tiny_transformer(size, seed), reference_size=reference_size,
+        transformer_2=tiny_transformer(size, seed + 1000) if two_experts else None,
+        boundary_ratio=boundary_ratio if two_experts else None,
     )
     if with_adapter:
-        torch.manual_seed(seed + 1)
-        adapter = StandInAdapter.for_transformer(pipe.transformer, rank=4)
-        for lora in (m for m in adapter.modules() if hasattr(m, "up")):
-            torch.nn.init.normal_(lora.up.weight, std=0.05)  # trained-like: B != 0
-        pipe.set_standin_adapter(adapter)
+        for number, expert in enumerate(pipe._experts()):
+            torch.manual_seed(seed + 1 + number)
+            adapter = StandInAdapter.for_transformer(getattr(pipe, expert), rank=4)
+            for lora in (m for m in adapter.modules() if hasattr(m, "up")):
+                torch.nn.init.normal_(lora.up.weight, std=0.05)  # trained-like: B != 0
+            pipe.set_standin_adapter(adapter, expert)
     pipe.set_progress_bar_config(disable=True)
     return pipe

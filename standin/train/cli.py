@@ -64,6 +64,10 @@ def add_parser(subparsers) -> None:
     optim.add_argument("--shift", type=float, default=c.shift,
                        help="sigma shift (None: the base's sampler shift, 5 for Wan)")
     optim.add_argument("--seed", type=int, default=c.seed)
+    optim.add_argument("--expert", choices=("high", "low"),
+                       help="Wan2.2 (required there): train the high-noise expert (`transformer`, timesteps at or "
+                       "above the base's boundary, 875) or the low-noise one (`transformer_2`, below it); one "
+                       "run and output folder per expert, giving adapter_high / adapter_low.safetensors")
     system = train.add_argument_group("memory and processes")
     system.add_argument("--gradient-checkpointing", action="store_true", help="recompute blocks in the backward pass")
     system.add_argument("--fsdp", action="store_true", help="shard the base over the processes (FSDP2)")

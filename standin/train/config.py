@@ -39,6 +39,9 @@ class TrainConfig:
     timestep_sampling: str = "uniform"  # or "logit_normal"
     shift: float | None = None  # None: the base's sampler shift (5 for Wan, standin.loading.sampler_shift)
     seed: int = 0
+    # Wan2.2 (two experts): which one this run trains, "high" (`transformer`, timesteps >= the base's boundary)
+    # or "low" (`transformer_2`, below it); None for one-transformer bases
+    expert: str | None = None
     gradient_checkpointing: bool = False
     fsdp: bool = False
     mixed_precision: str | None = None  # "bf16" or "no"; default: bf16 on GPU, no (float32) on CPU

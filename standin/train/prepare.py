@@ -166,10 +166,11 @@ class ClipEncoder:
     """The frozen VAE and text encoder of a base model, run once per clip (the base never changes in training)."""
 
     def __init__(self, base: str, device=None):
-        from standin.loading import load_pipeline
+        from standin.loading import has_two_experts, load_pipeline
 
         self.base = str(base)
-        self.pipe = load_pipeline(base, device=device)
+        # Wan2.2: one expert is enough for its config (both have the same), the other need not take memory
+        self.pipe = load_pipeline(base, device=device, expert="high" if has_two_experts(base) else None)
         self.prompts = PromptEncoder(self.pipe, self.pipe.device)
 
     def describe(self) -> dict:

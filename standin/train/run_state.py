@@ -3,6 +3,8 @@
 RUN_DIR/checkpoints/step-NNNNNNN/adapter.safetensors   the adapter (standin.checkpoint format, loads anywhere)
 RUN_DIR/checkpoints/step-NNNNNNN/training_state.pt     optimizer, LR schedule, step, RNG states, data position
 RUN_DIR/checkpoints/latest.json                        which checkpoint is complete and newest
+RUN_DIR/adapter.safetensors                            the finished run's adapter (adapter_high / adapter_low
+                                                       .safetensors for a Wan2.2 expert: final_adapter_file)
 
 Each file is written atomically and latest.json is replaced only after both files of a checkpoint are complete,
 so a kill at any moment leaves latest.json naming a complete checkpoint: at most the steps since it are lost.
@@ -31,6 +33,11 @@ LATEST = "latest.json"
 ADAPTER_FILE = "adapter.safetensors"
 STATE_FILE = "training_state.pt"
 STATE_KEYS = ("step", "optimizer", "lr_scheduler", "rng", "config")
+
+
+def final_adapter_file(expert: str | None) -> str:
+    """The finished run's adapter file name; a Wan2.2 expert's carries _high / _low, as the published pair."""
+    return ADAPTER_FILE if expert is None else f"adapter_{expert}.safetensors"
 
 
 class CheckpointError(ValueError):

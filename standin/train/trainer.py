@@ -7,6 +7,10 @@ u uniform, so training sees the noise levels at which the adapter will be used, 
 them (half of them above sigma 0.83, where layout and identity are decided). `logit_normal` (u = sigmoid(z),
 z ~ N(0, 1), as SD3 trains) is the alternative that favours the middle levels.
 
+Wan2.2 (two experts, --expert): a run trains one expert's adapter, on that expert's noise levels only (timestep
+at or above the base's boundary for `transformer`, below it for `transformer_2`, as the pipeline switches; see
+ExpertRange); the other expert is never loaded. Two runs give the _high / _low pair that the pipeline loads.
+
 Only the reference LoRAs train; the base is frozen bit for bit. One process or many (accelerate: DDP, or
 FSDP2 sharding with --fsdp, see parallel.py). What a step computes depends only on the config and the step
 (see data.py), so interrupting and resuming a run gives exactly the uninterrupted run's adapter.
@@ -49,13 +53,65 @@ from standin.train.validation import (
     face_backend,
     run_validation,
     validation_cases,
+    validation_clips,
 )
 
 logger = logging.getLogger("standin.train")
 
 
+VALIDATION_LEVELS = 4  # noise levels per clip of an expert run's validation loss
+
+
 def shifted_sigma(u: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * u / (1 + (shift - 1) * u)
+
+
+def level_cdf(u: torch.Tensor, sampling: str) -> torch.Tensor:
+    """P(U <= u) for the unshifted level U the sampler draws: uniform, or logit-normal (U = sigmoid(z))."""
+    return u if sampling == "uniform" else torch.special.ndtr(torch.logit(u))
+
+
+def level_quantile(p: torch.Tensor, sampling: str) -> torch.Tensor:
+    """The inverse of level_cdf."""
+    return p if sampling == "uniform" else torch.sigmoid(torch.special.ndtri(p))
+
+
+class ExpertRange:
+    """The noise levels one Wan2.2 expert denoises: timestep t = 1000 sigma with t >= boundary for "high"
+    (`transformer`), t < boundary for "low" (`transformer_2`): the pipeline's own test (`t >= boundary`: the
+    high-noise expert), equality included.
+
+    sigma(u) turns a draw u of the run's sampler into a draw conditioned on that range, with no extra draws (a
+    rejection loop would make a sample's level depend on how many draws it took; here it stays a function of its
+    stream position, so resume stays exact). The shift is increasing, so the range is u in [u_b, 1) (high) or
+    [0, u_b) (low), u_b = sigma_b / (s - (s-1) sigma_b) the inverse shift of sigma_b = boundary / 1000. With F the
+    sampler's CDF of u, F(u) is uniform on [0, 1), so F^-1(F(lo) + F(u) (F(hi) - F(lo))) has exactly the law of u
+    given u in [lo, hi): the levels the sampler visits within the expert's range, in the proportions it visits
+    them. Rounding cannot cross the boundary: sigmas are clamped to the float32 values on the range's side."""
+
+    def __init__(self, expert: str, boundary: float, shift: float, sampling: str):
+        self.expert, self.boundary, self.shift, self.sampling = expert, boundary, shift, sampling
+        sigma_b = torch.tensor(boundary / 1000, dtype=torch.float64)
+        u_b = sigma_b / (shift - (shift - 1) * sigma_b)
+        lo, hi = (u_b, torch.tensor(1.0, dtype=torch.float64)) if expert == "high" else (torch.zeros_like(u_b), u_b)
+        self.cdf_range = level_cdf(lo, sampling), level_cdf(hi, sampling)
+        # the smallest float32 sigma whose timestep (sigma * 1000 in float32, as the model gets it) is >= boundary
+        first, up, down = torch.tensor(boundary / 1000), torch.tensor(2.0), torch.tensor(-1.0)
+        while first * 1000 < boundary:
+            first = torch.nextafter(first, up)
+        while torch.nextafter(first, down) * 1000 >= boundary:
+            first = torch.nextafter(first, down)
+        self.sigma_bounds = (first.item(), 1.0) if expert == "high" else (0.0, torch.nextafter(first, down).item())
+
+    def sigma(self, u: torch.Tensor) -> torch.Tensor:
+        """float32 sigmas of the range from draws u of the sampler."""
+        return self.sigma_at(level_cdf(u.double(), self.sampling))
+
+    def sigma_at(self, q: torch.Tensor) -> torch.Tensor:
+        """The q-quantiles (q in [0, 1)) of the range's sigmas."""
+        low, high = self.cdf_range
+        u = level_quantile(low + q.double() * (high - low), self.sampling)
+        return shifted_sigma(u, self.shift).float().clamp(*self.sigma_bounds)
 
 
 class Trainer:
@@ -75,6 +131,7 @@ class Trainer:
         self.device = accelerator.device
         self.is_main = accelerator.is_main_process
         self.run_dir = Path(config.output)
+        self.adapter_path = self.run_dir / run_state.final_adapter_file(config.expert)
         self._check_config()
         self.lock = None
         if self.is_main:
@@ -114,10 +171,22 @@ class Trainer:
             raise ValueError(f"max_grad_norm must be positive, got {c.max_grad_norm}")
         if c.fsdp and self.accelerator.num_processes < 2:
             raise ValueError("--fsdp shards the model over processes: launch two or more (accelerate launch)")
+        if c.expert not in (None, "high", "low"):
+            raise ValueError(f"expert must be high or low, got {c.expert!r}")
+        from standin.loading import has_two_experts
+
+        two_experts = has_two_experts(c.base)
+        if two_experts and c.expert is None:
+            raise ValueError("this base has two experts (Wan2.2): train one at a time, each into its own output "
+                             "folder, with --expert high (the high-noise `transformer`) or --expert low (the "
+                             "low-noise `transformer_2`); see docs/training.md")
+        if not two_experts and c.expert is not None:
+            raise ValueError(f"--expert {c.expert}: this base has one transformer; --expert is for two-expert "
+                             "bases (Wan2.2)")
 
     def _resume_folder(self) -> Path | None:
         latest = run_state.latest_checkpoint(self.run_dir)
-        finished = [name for name in ("report.json", run_state.ADAPTER_FILE) if (self.run_dir / name).exists()]
+        finished = [name for name in ("report.json", self.adapter_path.name) if (self.run_dir / name).exists()]
         if latest is None and finished:  # a finished run whose checkpoints are gone: a new run would replace it
             raise FileExistsError(f"{self.run_dir} holds a run's {' and '.join(finished)} but no checkpoint to resume "
                                   "from; choose another output folder (or move those files away)")
@@ -141,6 +210,11 @@ class Trainer:
         """Refuse a resume that would not continue the checkpoint's run: fewer steps than it has done, other
         settings, other data."""
         c, step, folder = self.config, state["step"], self.resumed_from
+        then = state["config"].get("expert")
+        if then != c.expert:
+            trains = f"the {then}-noise expert of a Wan2.2 base" if then else "a one-transformer base's adapter"
+            raise ValueError(f"--resume with --expert {c.expert}: the run in {self.run_dir} trains {trains}; resume it "
+                             "with its own --expert, and train another expert in another output folder")
         if c.steps < step:
             raise ValueError(f"--steps {c.steps} is below the step of the checkpoint to resume ({folder}, step "
                              f"{step}): a run cannot be shortened; pass --steps {step} or more, or choose another "
@@ -170,11 +244,17 @@ class Trainer:
 
         c = self.config
         dtype = torch.bfloat16 if self.accelerator.mixed_precision == "bf16" else torch.float32
-        # Loaded on the CPU and placed piece by piece: a sharded base never has to fit on one GPU whole.
-        self.pipe = load_pipeline(c.base, device="cpu", dtype=dtype)
+        # Loaded on the CPU and placed piece by piece: a sharded base never has to fit on one GPU whole. For Wan2.2
+        # the trained expert alone, as the pipeline's `transformer`.
+        self.pipe = load_pipeline(c.base, device="cpu", dtype=dtype, expert=c.expert)
         self.pipe.set_progress_bar_config(disable=True)
-        if getattr(self.pipe, "transformer_2", None) is not None:
-            raise ValueError("this base has two experts (Wan2.2); training supports one-transformer bases (Wan2.1)")
+        self.expert_range = None
+        if c.expert is not None:
+            if self.pipe.config.boundary_ratio is None:
+                raise ValueError(f"{c.base} has two experts but no boundary_ratio in its model_index.json: which "
+                                 "timesteps each expert denoises is unknown")
+            boundary = self.pipe.config.boundary_ratio * self.pipe.scheduler.config.num_train_timesteps
+            self.expert_range = ExpertRange(c.expert, boundary, c.shift, c.timestep_sampling)
         torch.manual_seed(c.seed)  # the same initial adapter in every process (FSDP does not broadcast it)
         if self.resumed_from is not None:
             try:
@@ -236,7 +316,13 @@ class Trainer:
         )
 
         self.val_cases, self.face_backend = [], None
-        if c.val_count > 0:
+        if c.val_count > 0 and c.expert is not None:
+            # The other expert is not in memory to generate videos with: the trained expert's loss on the clips
+            # (validation_loss), encoded now, while the text encoder is here.
+            clips = validation_clips(c.val_data or c.data, c.val_count, reference_size, self.clip_size)
+            self.val_cases = [(clip["prompt"], *(tensor.cpu() for tensor in self.model_inputs(
+                torch.utils.data.default_collate([clip])))) for clip in clips]
+        elif c.val_count > 0:
             val_data = c.val_data or c.data
             self.val_cases = validation_cases(val_data, c.val_count, reference_size, self.clip_size)
             encode_case_prompts(self.val_cases, self.prompts)
@@ -291,17 +377,24 @@ class Trainer:
                 draw = torch.sigmoid(torch.randn((), generator=generator))
             u.append(draw)
             noise.append(torch.randn(shape, generator=generator))
-        return torch.stack(noise).to(self.device), shifted_sigma(torch.stack(u), c.shift).to(self.device)
+        u = torch.stack(u)
+        sigma = shifted_sigma(u, c.shift) if self.expert_range is None else self.expert_range.sigma(u)
+        return torch.stack(noise).to(self.device), sigma.to(self.device)
 
     def loss(self, batch: dict, backward_scale: float | None = None) -> torch.Tensor:
         """The batch's flow-matching loss; with backward_scale, also backpropagates loss * backward_scale, inside
         the reference stream, where gradient checkpointing recomputes the blocks with their reference."""
         latents, prompt_embeds, reference_latents = self.model_inputs(batch)
         noise, sigma = self.noise_and_sigma(latents.shape[1:], batch["position"].tolist())
+        return self.flow_loss(latents, prompt_embeds, reference_latents, noise, sigma, backward_scale)
+
+    def flow_loss(self, latents, prompt_embeds, reference_latents, noise, sigma, backward_scale=None) -> torch.Tensor:
+        """The loss at noise levels sigma (see loss); reference_latents None: without the reference (the base's)."""
         s = sigma.view(-1, 1, 1, 1, 1)
         noisy, target = (1 - s) * latents + s * noise, noise - latents
         dtype = self.model.transformer.dtype
-        with self.model.reference(reference_latents.to(dtype), latents.shape):
+        with (nullcontext() if reference_latents is None
+              else self.model.reference(reference_latents.to(dtype), latents.shape)):
             with self.accelerator.autocast():
                 prediction = self.wrapped(noisy.to(dtype), sigma * 1000, prompt_embeds.to(dtype))[0]
             loss = F.mse_loss(prediction.float(), target)
@@ -344,10 +437,12 @@ class Trainer:
             adapter = self.model.adapter
             metadata = {"base": self.config.base, "data": self.config.data, "attention": adapter.attention,
                         "positions": adapter.positions}
+            if self.expert_range is not None:  # which file of the pair this is (the pipeline checks it)
+                metadata.update(expert=self.config.expert, boundary=self.expert_range.boundary)
             folder = run_state.write_checkpoint(self.run_dir, step, adapter_state, training_state, metadata,
                                                   self.config.keep_checkpoints)
             if step == self.config.steps:
-                save_adapter(adapter_state, self.run_dir / run_state.ADAPTER_FILE, {**metadata, "step": str(step)})
+                save_adapter(adapter_state, self.adapter_path, {**metadata, "step": str(step)})
             logger.info("checkpoint %s", folder)
         self.accelerator.wait_for_everyone()
 
@@ -355,13 +450,40 @@ class Trainer:
         """Every process generates (a sharded model needs them all); the main process saves and measures."""
         c = self.config
         folder = self.run_dir / "validation" / f"step-{step:07d}" if self.is_main else None
-        frames, height, width = self.clip_size
-        results = run_validation(self.pipe, self.val_cases, folder, height=height, width=width, num_frames=frames,
-                                 steps=c.val_steps, guidance=c.val_guidance, seed=c.seed, fps=self.fps,
-                                 backend=self.face_backend)
+        if self.expert_range is not None:
+            results = self.validation_loss()
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+                save_text(json.dumps(results, indent=2), folder / "results.json")
+        else:
+            frames, height, width = self.clip_size
+            results = run_validation(self.pipe, self.val_cases, folder, height=height, width=width,
+                                     num_frames=frames, steps=c.val_steps, guidance=c.val_guidance, seed=c.seed,
+                                     fps=self.fps, backend=self.face_backend)
         if self.is_main:
             logger.info("validation at step %d: %s", step, json.dumps(results))
         self.accelerator.wait_for_everyone()
+        return results
+
+    @torch.no_grad()
+    def validation_loss(self) -> list[dict]:
+        """An expert run's validation: the trained expert's loss on each validation clip at the midpoints of the
+        quartiles of its noise levels, with fixed noise (so steps compare), with the reference and without it
+        (the frozen base's loss, which a useful adapter lowers). No video: it would need the other expert."""
+        sigmas = self.expert_range.sigma_at((torch.arange(VALIDATION_LEVELS) + 0.5) / VALIDATION_LEVELS)
+        results = []
+        for number, (prompt, latents, prompt_embeds, reference_latents) in enumerate(self.val_cases):
+            generator = torch.Generator().manual_seed(self.config.seed + number)
+            latents, prompt_embeds = latents.to(self.device), prompt_embeds.to(self.device)
+            with_reference, without = [], []
+            for sigma in sigmas:
+                noise = torch.randn(latents.shape, generator=generator).to(self.device)
+                sigma = sigma[None].to(self.device)
+                with_reference.append(self.flow_loss(latents, prompt_embeds, reference_latents.to(self.device), noise,
+                                                     sigma).item())
+                without.append(self.flow_loss(latents, prompt_embeds, None, noise, sigma).item())
+            results.append({"case": number, "prompt": prompt, "loss": sum(with_reference) / len(with_reference),
+                            "loss_without_reference": sum(without) / len(without)})
         return results
 
     # ---- the run --------------------------------------------------------------------------------------------
@@ -399,9 +521,9 @@ class Trainer:
                                self.lock.took_over.get("started", "?"))
             if self.resumed_from is not None:
                 logger.info("resumed from %s at step %d", self.resumed_from, self.start_step)
-            if self.is_main and self.start_step == c.steps and not (self.run_dir / run_state.ADAPTER_FILE).exists():
+            if self.is_main and self.start_step == c.steps and not self.adapter_path.exists():
                 # resumed at exactly its last checkpoint (a shorter target than first planned): the run's adapter
-                atomic_write(self.run_dir / run_state.ADAPTER_FILE, partial(
+                atomic_write(self.adapter_path, partial(
                     shutil.copyfile, self.resumed_from / run_state.ADAPTER_FILE))
             finished = self._finished_report()
             if finished is not None:
@@ -469,7 +591,8 @@ class Trainer:
         tail = losses[-max(1, steps // 10):] if losses else []
         report = {
             "run_dir": str(self.run_dir),
-            "adapter": str(self.run_dir / run_state.ADAPTER_FILE),
+            "adapter": str(self.adapter_path),
+            "expert": c.expert,
             "steps": c.steps,
             "resumed_from_step": self.start_step if self.resumed_from else None,
             "processes": self.accelerator.num_processes,

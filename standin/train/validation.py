@@ -1,4 +1,5 @@
 """Validation during training: generate with the adapter as it is now, save the videos, measure FaceSim.
+(A Wan2.2 expert run measures its expert's loss on the same cases' clips instead: Trainer.validation_loss.)
 
 Generation is the inference pipeline itself (StandInPipeline.__call__ with the live adapter), so a validation
 video is exactly what `standin generate` would make from the checkpoint written at the same step.
@@ -41,6 +42,16 @@ def validation_cases(data: str, count: int, reference_size: int,
     dataset = PreparedDataset(data, reference_size, use_latents=False)
     return [ValidationCase(dataset.reference_image(i), dataset.clips[i]["caption"])
             for i in range(min(count, len(dataset)))]
+
+
+def validation_clips(data: str, count: int, reference_size: int, clip_size: tuple[int, int, int]) -> list[dict]:
+    """The same cases' clips as pixel samples (video, reference, prompt): what an expert run measures its loss on."""
+    if is_named_dataset(data):
+        num_frames, height, width = clip_size
+        dataset = named_dataset(data, "test", count, num_frames, height, width, reference_size)
+        return [dataset[i] for i in range(count)]
+    dataset = PreparedDataset(data, reference_size, use_latents=False)
+    return [dataset[i] for i in range(min(count, len(dataset)))]
 
 
 def encode_case_prompts(cases: list[ValidationCase], prompts) -> None:
