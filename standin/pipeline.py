@@ -166,17 +166,21 @@ class StandInPipeline(WanPipeline):
                  boundary_ratio: float | None = None, expand_timesteps: bool = False,
                  reference_size: int = REFERENCE_SIZE, sampler_shift: float = SAMPLER_SHIFT,
                  default_height: int = 480, default_width: int = 832, default_num_frames: int = 81,
-                 default_fps: int = 25, preprocess_reference: bool = True):
+                 default_fps: int = 25, preprocess_reference: bool = True,
+                 default_reference_guidance: float = 1.0):
         super().__init__(tokenizer, text_encoder, vae, scheduler, transformer, transformer_2, boundary_ratio,
                          expand_timesteps)
         # What a base was made for, saved in its model_index.json so that every caller follows the base:
         # sampler_shift, the Euler shift it was trained with (5 for Wan; the mini model, at 272 tokens a clip, a
         # lower one); the video size and playback rate generated when none is asked for (Wan: 832x480, 81
-        # frames, 25 fps); and whether references are face-cropped first (the mini world draws them cropped).
+        # frames, 25 fps); whether references are face-cropped first (the mini world draws them cropped); the
+        # identity guidance g_ref used when none is asked for (1, the published sampler, for Wan; where a base's
+        # own measurement on held-out identities found a better one, that one: the mini model's is 3).
         self.register_to_config(reference_size=reference_size, sampler_shift=sampler_shift,
                                 default_height=default_height, default_width=default_width,
                                 default_num_frames=default_num_frames, default_fps=default_fps,
-                                preprocess_reference=preprocess_reference)
+                                preprocess_reference=preprocess_reference,
+                                default_reference_guidance=default_reference_guidance)
         # Stand-In weights, one per expert; not pipeline components, so save_pretrained keeps the base untouched.
         self.adapters: dict[str, StandInAdapter] = {}
 
@@ -305,7 +309,7 @@ class StandInPipeline(WanPipeline):
         preprocess_reference: bool | None = None,
         cache_reference: bool = True,
         batch_guidance: bool | str = "auto",
-        reference_guidance: float = 1.0,
+        reference_guidance: float | None = None,
         reference_guidance_steps: int | None = None,
         output_type: str = "np",
         return_dict: bool = True,
@@ -324,7 +328,8 @@ class StandInPipeline(WanPipeline):
             as the official implementation does (for comparison and benchmarks).
         batch_guidance: run both guidance branches as one batch (True), one after the other (False), or batched
             until the GPU runs out of memory, then sequential ("auto"). All give the same video.
-        reference_guidance: g_ref; 1 is the published sampler. Above 1, a third branch without the reference (one
+        reference_guidance: g_ref (None: the base's config.default_reference_guidance, 1 for Wan); 1 is the
+            published sampler. Above 1, a third branch without the reference (one
             more forward per step, base-model cost) pushes the video towards the identity, as text guidance pushes
             it towards the prompt (see _velocity). reference_guidance_steps: only in the first N steps (None: all),
             where layout and identity are decided.
@@ -338,6 +343,8 @@ class StandInPipeline(WanPipeline):
         experts = self._experts()
         if "transformer" not in experts:
             raise ValueError("StandInPipeline needs `transformer` (the high-noise expert for Wan2.2)")
+        if reference_guidance is None:
+            reference_guidance = config.default_reference_guidance
         if not math.isfinite(reference_guidance) or reference_guidance < 0:
             raise ValueError(f"reference_guidance must be a finite number >= 0, got {reference_guidance}")
         if config.expand_timesteps:

@@ -251,6 +251,17 @@ def test_reference_guidance_1_is_the_published_sampler_and_0_steps_too(pipe):
     assert relative_error(windowed, expected) > 1e-4 and relative_error(everywhere, windowed) > 1e-4
 
 
+def test_reference_guidance_defaults_to_the_base_s_own(pipe):
+    # Wan's default is the published sampler (g_ref 1, above); a base may record another (the mini model: 3).
+    reference = reference_image()
+    asked = run(pipe, reference, negative_prompt="blurry", reference_guidance=2.0, reference_guidance_steps=1)
+    pipe.register_to_config(default_reference_guidance=2.0)
+    try:
+        assert torch.equal(run(pipe, reference, negative_prompt="blurry", reference_guidance_steps=1), asked)
+    finally:
+        pipe.register_to_config(default_reference_guidance=1.0)
+
+
 @torch.no_grad()
 def test_reference_guidance_is_a_third_branch_without_the_reference(pipe):
     """v = v(noref, uncond) + g_ref (v(ref, uncond) - v(noref, uncond)) + g_text (v(ref, cond) - v(ref, uncond)),

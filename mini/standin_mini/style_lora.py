@@ -213,7 +213,7 @@ def evaluate(lora: str, out: str, base: str | None = None, adapter: str | None =
                 image = Image.fromarray(reference) if with_reference else None
                 result = pipe(prompt=str(prompt), reference_image=image,
                               preprocess_reference=False, height=height, width=width, num_frames=frames_count,
-                              num_inference_steps=steps, guidance_scale=guidance,
+                              num_inference_steps=steps, guidance_scale=guidance, reference_guidance=1.0,
                               generator=torch.Generator().manual_seed(seed + index))
                 frames = to_uint8(result.frames[0])
                 scores = evaluate_video(list(frames), Image.fromarray(reference), backend=backend,

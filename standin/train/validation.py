@@ -101,6 +101,7 @@ def run_validation(pipe, cases: list[ValidationCase], folder: Path | None, *, he
             prompt_embeds=case.prompt_embeds, negative_prompt_embeds=case.negative_prompt_embeds,
             reference_image=case.reference, preprocess_reference=False, height=height, width=width,
             num_frames=num_frames, num_inference_steps=steps, guidance_scale=guidance,
+            reference_guidance=1.0,  # the adapter as the published sampler uses it, whatever the base's default
             generator=torch.Generator().manual_seed(seed + number), output_type="np",
         ).frames[0]
         if folder is None:
