@@ -122,7 +122,7 @@ VARIANTS = ("base", "lora", "standin", "both")
 
 def evaluate(lora: str, out: str, base: str | None = None, adapter: str | None = None, count: int = 16,
              scales=(0.5, 1.0), steps: int = 20, guidance: float = 1.0, seed: int = 0,
-             size=(17, 64, 64), face_frames: int = 17) -> dict:
+             size=(17, 64, 64), face_frames: int = 17, reference_guidance: float = 1.0) -> dict:
     from PIL import Image
 
     from standin.checkpoint import load_adapter
@@ -192,7 +192,8 @@ def evaluate(lora: str, out: str, base: str | None = None, adapter: str | None =
                          f"{s['face_rate']:.3f} |")
         text = "\n".join(lines)
         report = {"lora": lora, "count": count, "done": done, "scales": list(scales), "steps": steps,
-                  "guidance": guidance, "seed": seed, "size": list(size), "face_frames": face_frames,
+                  "guidance": guidance, "reference_guidance": reference_guidance, "seed": seed, "size": list(size),
+                  "face_frames": face_frames,
                   "seconds": round(time.perf_counter() - started, 1), "summary": summary,
                   "world": {k: float(np.mean(v)) for k, v in world.items()}, "clips": rows}
         save_text(json.dumps(report, indent=2), out.with_suffix(".json"))
@@ -213,7 +214,8 @@ def evaluate(lora: str, out: str, base: str | None = None, adapter: str | None =
                 image = Image.fromarray(reference) if with_reference else None
                 result = pipe(prompt=str(prompt), reference_image=image,
                               preprocess_reference=False, height=height, width=width, num_frames=frames_count,
-                              num_inference_steps=steps, guidance_scale=guidance, reference_guidance=1.0,
+                              num_inference_steps=steps, guidance_scale=guidance,
+                              reference_guidance=reference_guidance,
                               generator=torch.Generator().manual_seed(seed + index))
                 frames = to_uint8(result.frames[0])
                 scores = evaluate_video(list(frames), Image.fromarray(reference), backend=backend,
@@ -282,6 +284,8 @@ def main(argv=None) -> int:
     evaluator.add_argument("--scales", type=float, nargs="+", default=[0.5, 1.0])
     evaluator.add_argument("--steps", type=int, default=20)
     evaluator.add_argument("--guidance", type=float, default=1.0)
+    evaluator.add_argument("--reference-guidance", type=float, default=1.0,
+                           help="identity guidance g_ref of the Stand-In rows (1: the published sampler)")
     evaluator.add_argument("--face-frames", type=int, default=17, help="frames FaceSim looks at (evenly spaced)")
     evaluator.add_argument("--frames", type=int, default=17, help="frames per generated clip (4k+1)")
     evaluator.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy machine)")
@@ -297,7 +301,7 @@ def main(argv=None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         evaluate(args.lora, args.out, count=args.count, scales=args.scales, steps=args.steps, guidance=args.guidance,
-                 size=(args.frames, 64, 64), face_frames=args.face_frames)
+                 size=(args.frames, 64, 64), face_frames=args.face_frames, reference_guidance=args.reference_guidance)
     return 0
 
 
