@@ -37,10 +37,20 @@ def add_parser(subparsers) -> None:
                           "(default: %(default)s)")
     generate.add_argument("--reference-guidance-steps", type=int,
                           help="apply --reference-guidance in the first N steps only (default: all)")
-    generate.add_argument("--prompt", required=True, help="what the person does, and where")
+    generate.add_argument("--prompt", help="what the person does, and where (required without --jobs)")
     generate.add_argument("--negative-prompt", help="what to avoid (default: Wan's standard negative prompt)")
-    generate.add_argument("-o", "--output", required=True,
-                          help="output .mp4 (NAME.reference.png and NAME.sheet.png go beside it)")
+    generate.add_argument("-o", "--output",
+                          help="output .mp4 (NAME.reference.png and NAME.sheet.png go beside it; required without "
+                          "--jobs)")
+    generate.add_argument("--jobs", metavar="FILE",
+                          help="many videos, one model load: a JSON Lines file, one video per line, e.g. {\"prompt\": "
+                          "\"...\", \"reference\": \"face.png\", \"seed\": 3, \"output\": \"out/a.mp4\"}; a line may "
+                          "also set negative_prompt, height, width, frames, steps, guidance, reference_guidance, "
+                          "reference_guidance_steps, fps (the flags give the defaults); relative paths are from the "
+                          "file's folder. Under `accelerate launch` or `torchrun` the videos are shared out over the "
+                          "processes. Finished videos are skipped, so a stopped run resumes; a failed video does not "
+                          "stop the others; what became of each goes to NAME.summary.json beside NAME.jsonl "
+                          "(docs/scaling.md)")
     generate.add_argument("--height", type=int, help="video height in pixels (default: the base's)")
     generate.add_argument("--width", type=int, help="video width in pixels (default: the base's)")
     generate.add_argument("--frames", type=int, help="number of frames, 4k+1 for Wan (default: the base's)")
@@ -122,41 +132,183 @@ def check_outputs(outputs: list[Path], inputs: list) -> None:
                 raise ValueError(f"{output} would overwrite the {name} {value}: choose another -o")
 
 
-def run_generate(args) -> int:
+# What may differ from one video to the next: a line of a jobs file may set each of them (standin.jobs); the flags
+# of the same names give the defaults.
+VIDEO_SETTINGS = ("prompt", "negative_prompt", "reference", "output", "seed", "height", "width", "frames", "steps",
+                  "guidance", "reference_guidance", "reference_guidance_steps", "fps")
+
+
+def setting_problem(name: str, value) -> str | None:
+    """Why a value of a numeric video setting cannot be used ("must be at least 1, got 0"), or None."""
+    if value is None:  # the default
+        return None
+    if name in ("steps", "fps", "height", "width", "frames") and value < 1:
+        return f"must be at least 1, got {value}"
+    if name in ("guidance", "reference_guidance") and not (value >= 0 and value != float("inf")):  # also nan
+        return f"must be a finite number >= 0, got {value}"
+    if name == "reference_guidance_steps" and value < 0:
+        return f"must be >= 0, got {value}"
+    if name == "seed" and not 0 <= value < 2**63:
+        return f"must be between 0 and 2**63 - 1, got {value}"
+    return None
+
+
+def flags_problem(args) -> str | None:
+    """Why the flags that every video of a run shares cannot be used, or None; checked before anything loads."""
     if args.base is None and (args.adapter is not None or args.adapter_low is not None):
-        return fail("--adapter and --adapter-low need --base (the default model brings its own adapter)")
+        return "--adapter and --adapter-low need --base (the default model brings its own adapter)"
+    for name in ("steps", "fps", "guidance", "reference_guidance", "reference_guidance_steps", "seed"):
+        problem = setting_problem(name, getattr(args, name))
+        if problem:
+            return f"--{name.replace('_', '-')} {problem}"
+    return device_error(args.device)
+
+
+def parse_loras(args) -> tuple[list, list]:
+    """The --lora and --lora-low files with their scales; ValueError for a bad argument or a missing file."""
+    from standin.lora import parse_lora_argument
+
+    loras = [parse_lora_argument(text) for text in args.lora or []]
+    loras_low = [parse_lora_argument(text) for text in args.lora_low or []]
+    for path, _ in loras + loras_low:
+        if not Path(path).is_file():
+            raise ValueError(f"LoRA file not found: {path}")
+    return loras, loras_low
+
+
+def output_paths(output: Path, references: int) -> tuple[list[Path], Path]:
+    """The files written beside a video: the reference(s) as the model saw them (NAME.reference.png; several:
+    NAME.reference-1.png, NAME.reference-2.png, ..., as standin eval pairs one reference only) and the contact
+    sheet NAME.sheet.png."""
+    from standin.video import companion_paths
+
+    reference, sheet = companion_paths(output)
+    if references <= 1:
+        return [reference][:references], sheet
+    return [reference.with_name(reference.name.replace(".reference.png", f".reference-{k}.png"))
+            for k in range(1, references + 1)], sheet
+
+
+def load_generator(args, base, adapter, adapter_low, loras, loras_low, device, vace: bool = False):
+    """The pipeline of a run on `device`, with --parallel, the LoRAs and --preset applied; and the (steps,
+    guidance) every video of the run defaults to."""
+    import torch
+
+    from standin.loading import load_pipeline
+
+    # Float32 on the CPU; on a GPU, the default model is small enough to stay in float32 too.
+    dtype = torch.float32 if args.base is None else None
+    if vace:
+        from standin.vace import load_vace_pipeline
+
+        pipe = load_vace_pipeline(base, adapter, adapter_low, device=device, dtype=dtype)
+    else:
+        pipe = load_pipeline(base, adapter, adapter_low, device=device, dtype=dtype)
+    if args.parallel:
+        from diffusers import ContextParallelConfig
+
+        ranks = torch.distributed.get_world_size()
+        config = ContextParallelConfig(**{f"{args.parallel}_degree": ranks})
+        for transformer in (pipe.transformer, getattr(pipe, "transformer_2", None)):
+            if transformer is not None:
+                transformer.enable_parallelism(config=config)
+    if loras or loras_low:
+        from standin.lora import load_loras
+
+        if loras:
+            load_loras(pipe, loras)
+        if loras_low:
+            load_loras(pipe, loras_low, "transformer_2")
+    steps, guidance = args.steps, args.guidance
+    if args.preset:
+        from standin.lora import apply_preset
+
+        settings = apply_preset(pipe, args.preset)
+        # The preset's values unless given on the command line (a value other than the parser's default).
+        if steps == GENERATE_DEFAULTS["steps"]:
+            steps = settings["num_inference_steps"]
+        if guidance == GENERATE_DEFAULTS["guidance"]:
+            guidance = settings["guidance_scale"]
+    return pipe, steps, guidance
+
+
+def generate_video(pipe, video: dict, args, model: dict, control=None) -> dict | None:
+    """Generate one video with a loaded pipeline and write it with its companion files and provenance; what was
+    written (None on the ranks other than 0 of --parallel).
+
+    video: the VIDEO_SETTINGS (reference a list of paths, output a Path). args: the flags every video shares
+    (--no-preprocess, --no-cache, ...). model: the base, adapter and adapter_low the pipeline was loaded from.
+    The companion files are written first and NAME.mp4 last: a video file means a finished video, which is what
+    `generate --jobs` resumes from (each file is written atomically)."""
+    import torch
+
+    from standin.io import save_image
+    from standin.provenance import generation_provenance
+    from standin.video import contact_sheet, save_video
+
+    references, output = video["reference"], Path(video["output"])
+    reference_paths, sheet_path = output_paths(output, len(references))
+    common = dict(prompt=video["prompt"], num_inference_steps=video["steps"], guidance_scale=video["guidance"],
+                  generator=torch.Generator().manual_seed(video["seed"]),
+                  preprocess_reference=False if args.no_preprocess else None, cache_reference=not args.no_cache)
+    if video["negative_prompt"] is not None:
+        common["negative_prompt"] = video["negative_prompt"]
+    started = time.perf_counter()
+    # Sizes, fps and reference preprocessing: what the base records in its config, unless asked otherwise.
+    if control is not None:
+        from standin.pipeline import WAN_NEGATIVE_PROMPT
+        from standin.vace import control_frames_as_images
+
+        result = pipe(**{"negative_prompt": WAN_NEGATIVE_PROMPT, **common}, video=control_frames_as_images(control),
+                      conditioning_scale=args.control_scale, height=control.shape[1], width=control.shape[2],
+                      num_frames=len(control), reference_image=references[0] if references else None)
+    else:
+        result = pipe(**common, reference_image=references[0] if len(references) == 1 else references or None,
+                      reference_guidance=video["reference_guidance"],
+                      reference_guidance_steps=video["reference_guidance_steps"],
+                      height=video["height"], width=video["width"], num_frames=video["frames"],
+                      batch_guidance=not args.sequential_guidance)
+    frames = result.frames[0]
+    if args.parallel and torch.distributed.get_rank() != 0:
+        return None  # every rank computed the same video; rank 0 writes it
+    seen = result.reference if isinstance(result.reference, list) else [result.reference] * bool(references)
+    for image, path in zip(seen, reference_paths):
+        save_image(image, path)
+    save_image(contact_sheet(frames), sheet_path)
+    record = generation_provenance(base=model["base"], adapter=model["adapter"] if references else None,
+                                   adapter_low=model["adapter_low"], seed=video["seed"], prompt=video["prompt"],
+                                   steps=video["steps"], guidance=video["guidance"])
+    save_video(frames, output, fps=video["fps"] or pipe.config.default_fps, provenance=record)
+    written = [str(path) for path in reference_paths]
+    return {"video": str(output), "reference": written[0] if written else None, "references": written,
+            "contact_sheet": str(sheet_path), "frames": len(frames),
+            "seconds": round(time.perf_counter() - started, 2)}
+
+
+def run_generate(args) -> int:
+    if args.jobs is not None:
+        from standin.jobs import run_jobs
+
+        return run_jobs(args)
+    if args.prompt is None or args.output is None:
+        return fail("--prompt and -o are required (or --jobs FILE for many videos)", 2)
+    problem = flags_problem(args)
+    if problem:
+        return fail(problem)
     if args.base is not None and args.reference is not None and args.adapter is None:
         return fail("--reference needs the Stand-In --adapter of --base (or no --reference: the base alone)")
     output = Path(args.output)
     if output.suffix.lower() != ".mp4":
         return fail(f"output must be an .mp4 file, got {output.name}")
-    for name in ("steps", "fps"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            return fail(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ("guidance", "reference_guidance"):
-        value = getattr(args, name)
-        if not (value >= 0 and value != float("inf")):  # also refuses nan
-            return fail(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
-    if args.reference_guidance_steps is not None and args.reference_guidance_steps < 0:
-        return fail(f"--reference-guidance-steps must be >= 0, got {args.reference_guidance_steps}")
-    if not 0 <= args.seed < 2**63:
-        return fail(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
-    if device_error(args.device):
-        return fail(device_error(args.device))
 
     from standin.checkpoint import AdapterFileError
     from standin.io import regular_file_problem
-    from standin.lora import LoraFileError, parse_lora_argument
-    from standin.video import companion_paths
+    from standin.lora import LoraFileError
 
     try:
-        loras = [parse_lora_argument(text) for text in args.lora or []]
-        loras_low = [parse_lora_argument(text) for text in args.lora_low or []]
+        loras, loras_low = parse_loras(args)
     except ValueError as error:
         return fail(str(error))
-    for path, _ in loras + loras_low:
-        if not Path(path).is_file():
-            return fail(f"LoRA file not found: {path}")
 
     control = None
     if args.control is not None:
@@ -178,11 +330,7 @@ def run_generate(args) -> int:
             return fail(str(error))
 
     references = args.reference or []
-    reference_path, sheet_path = companion_paths(output)
-    # Several references: NAME.reference-1.png, NAME.reference-2.png, ... (standin eval pairs one reference only).
-    reference_paths = [reference_path] if len(references) <= 1 else [
-        reference_path.with_name(reference_path.name.replace(".reference.png", f".reference-{k}.png"))
-        for k in range(1, len(references) + 1)]
+    reference_paths, sheet_path = output_paths(output, len(references))
     try:
         for reference in references:
             problem = regular_file_problem(reference, "reference image")
@@ -197,94 +345,17 @@ def run_generate(args) -> int:
         check_outputs([output, *reference_paths, sheet_path],
                       [*(("reference", r) for r in references), ("adapter", adapter), ("adapter", adapter_low),
                        *(("LoRA", path) for path, _ in loras + loras_low), ("control video", args.control)])
-        import torch
-
-        from standin.loading import load_pipeline
-
-        # Float32 on the CPU; on a GPU, the default model is small enough to stay in float32 too.
-        dtype = torch.float32 if args.base is None else None
-        device = args.device
-        if args.parallel:
-            device = start_context_parallel(device)
-        if control is not None:
-            from standin.vace import load_vace_pipeline
-
-            pipe = load_vace_pipeline(base, adapter, adapter_low, device=device, dtype=dtype)
-        else:
-            pipe = load_pipeline(base, adapter, adapter_low, device=device, dtype=dtype)
-        if args.parallel:
-            from diffusers import ContextParallelConfig
-
-            ranks = torch.distributed.get_world_size()
-            config = ContextParallelConfig(**{f"{args.parallel}_degree": ranks})
-            for transformer in (pipe.transformer, getattr(pipe, "transformer_2", None)):
-                if transformer is not None:
-                    transformer.enable_parallelism(config=config)
-        if loras:
-            from standin.lora import load_loras
-
-            load_loras(pipe, loras)
-        if loras_low:
-            from standin.lora import load_loras
-
-            load_loras(pipe, loras_low, "transformer_2")
-        steps, guidance = args.steps, args.guidance
-        if args.preset:
-            from standin.lora import apply_preset
-
-            settings = apply_preset(pipe, args.preset)
-            # The preset's values unless given on the command line (a value other than the parser's default).
-            if steps == GENERATE_DEFAULTS["steps"]:
-                steps = settings["num_inference_steps"]
-            if guidance == GENERATE_DEFAULTS["guidance"]:
-                guidance = settings["guidance_scale"]
-        extra = {} if args.negative_prompt is None else {"negative_prompt": args.negative_prompt}
-        started = time.perf_counter()
-        # Sizes, fps and reference preprocessing: what the base records in its config, unless asked otherwise.
-        if control is not None:
-            from standin.pipeline import WAN_NEGATIVE_PROMPT
-            from standin.vace import control_frames_as_images
-
-            result = pipe(
-                prompt=args.prompt, negative_prompt=extra.get("negative_prompt", WAN_NEGATIVE_PROMPT),
-                video=control_frames_as_images(control), conditioning_scale=args.control_scale,
-                height=control.shape[1], width=control.shape[2], num_frames=len(control),
-                num_inference_steps=steps, guidance_scale=guidance,
-                generator=torch.Generator().manual_seed(args.seed),
-                reference_image=references[0] if references else None,
-                preprocess_reference=False if args.no_preprocess else None, cache_reference=not args.no_cache,
-            )
-        else:
-            result = pipe(
-                prompt=args.prompt, reference_image=references[0] if len(references) == 1 else references or None,
-                reference_guidance=args.reference_guidance, reference_guidance_steps=args.reference_guidance_steps,
-                num_inference_steps=steps,
-                guidance_scale=guidance, generator=torch.Generator().manual_seed(args.seed),
-                height=args.height, width=args.width, num_frames=args.frames,
-                preprocess_reference=False if args.no_preprocess else None, cache_reference=not args.no_cache,
-                batch_guidance=not args.sequential_guidance, **extra,
-            )
-        from standin.io import save_image
-        from standin.video import contact_sheet, save_video
-
-        frames = result.frames[0]
-        if args.parallel and torch.distributed.get_rank() != 0:
-            return 0  # every rank computed the same video; rank 0 writes it
-        from standin.provenance import generation_provenance
-
-        record = generation_provenance(base=base, adapter=adapter if references else None, adapter_low=adapter_low,
-                                       seed=args.seed, prompt=args.prompt, steps=steps, guidance=guidance)
-        save_video(frames, output, fps=args.fps or pipe.config.default_fps, provenance=record)
-        seen = result.reference if isinstance(result.reference, list) else [result.reference] * bool(references)
-        for image, path in zip(seen, reference_paths):
-            save_image(image, path)
-        save_image(contact_sheet(frames), sheet_path)
+        device = start_context_parallel(args.device) if args.parallel else args.device
+        pipe, steps, guidance = load_generator(args, base, adapter, adapter_low, loras, loras_low, device,
+                                               vace=control is not None)
+        video = {**{name: getattr(args, name) for name in VIDEO_SETTINGS}, "reference": references,
+                 "output": output, "steps": steps, "guidance": guidance}
+        report = generate_video(pipe, video, args, {"base": base, "adapter": adapter, "adapter_low": adapter_low},
+                                control)
     except (OSError, ValueError, NoDefaultModelError, AdapterFileError, LoraFileError) as error:
         return fail(str(error))
-    written = [str(p) for p in reference_paths[:len(references)]]
-    print(json.dumps({"video": str(output), "reference": written[0] if written else None, "references": written,
-                      "contact_sheet": str(sheet_path), "frames": len(frames),
-                      "seconds": round(time.perf_counter() - started, 2)}))
+    if report is not None:
+        print(json.dumps(report))
     return 0
 
 

@@ -1,5 +1,6 @@
 """Files that are either complete or absent: every output of the project goes through atomic_write."""
 
+import glob
 import os
 import stat
 import tempfile
@@ -76,6 +77,13 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
             os.unlink(temporary)
         raise
     return path
+
+
+def stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """The temporary files atomic_write left beside `path` in a process that was killed before it could remove
+    them (SIGKILL, power loss): .NAME.XXXXXXXX.SUFFIX, and what save_video derives from one."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{glob.escape(path.name)}.*{glob.escape(path.suffix)}"))
 
 
 def _final_mode(path: Path) -> int:
