@@ -31,10 +31,10 @@ def add_parser(subparsers) -> None:
                           help="reference photo (omit to generate without identity control); for the mini model a "
                           "mini-world reference, e.g. examples/woman_34.png or `standin mini reference`. Give it "
                           "twice or more for several people in one video (zero-shot; the prompt decides who is where)")
-    generate.add_argument("--reference-guidance", type=float, default=1.0,
+    generate.add_argument("--reference-guidance", type=float,
                           help="identity guidance g_ref: above 1 a third branch without the reference (one more "
                           "forward per step) pushes the video towards the identity; 1 is the published sampler "
-                          "(default: %(default)s)")
+                          "(default: the base's own: 1 for Wan, 3 for the mini model, measured on held-out identities)")
     generate.add_argument("--reference-guidance-steps", type=int,
                           help="apply --reference-guidance in the first N steps only (default: all)")
     generate.add_argument("--prompt", help="what the person does, and where (required without --jobs)")
@@ -77,17 +77,26 @@ def add_parser(subparsers) -> None:
                           help="sampler settings of a few-step distillation LoRA: lightx2v = 4 steps, guidance 1, "
                           "shift 5 (lightx2v's distill configs); a --steps / --guidance other than the default wins")
     generate.add_argument("--control", metavar="VIDEO",
-                          help="pose / depth control video for a Wan VACE --base (e.g. Wan2.1-VACE-14B-diffusers): "
-                          "its frames, centre-cropped to multiples of 16 px and trimmed to 4k+1 frames, fix the "
-                          "video's size and length (--frames caps the length). The VACE blocks see the video only; "
-                          "Stand-In acts in the main blocks, as in the published implementation")
+                          help="pose / depth control video for a Wan VACE --base (e.g. Wan2.1-VACE-14B-diffusers; "
+                          "`standin control VIDEO --pose` makes one from an ordinary video): its frames, trimmed to "
+                          "4k+1, fix the length (--frames takes the first N) and, centre-cropped to multiples of 16 "
+                          "px, the size (or resized to --height x --width of the same aspect). The VACE blocks see "
+                          "the video only; Stand-In acts in the main blocks, as in the published implementation")
+    generate.add_argument("--control-reference", action="append", metavar="IMAGE",
+                          help="with --control: an image VACE puts in front of the video as its own reference frame "
+                          "(the published script's vace_reference_image, e.g. the first frame's look); repeatable")
     generate.add_argument("--control-scale", type=float, default=0.5,
                           help="strength of the control hints (VACE's conditioning scale; default: %(default)s: the "
                           "published README finds VACE's own face prior fights the identity and suggests about 0.5, "
                           "below its script's 0.8)")
-    generate.add_argument("--parallel", choices=("ulysses", "ring"),
+    generate.add_argument("--parallel", choices=("ulysses", "ring", "unified"),
                           help="context parallelism: one video over all processes of `torchrun --nproc_per_node N "
-                          "-m standin.cli generate ...` (diffusers' Ulysses or ring attention; rank 0 writes)")
+                          "-m standin.cli generate ...` (diffusers' Ulysses or ring attention; unified: Ulysses "
+                          "within each machine, ring across machines; rank 0 writes). ring and unified need a GPU "
+                          "attention backend that returns the log-sum-exp (default there: _native_cudnn)")
+    generate.add_argument("--attention-backend", metavar="NAME",
+                          help="diffusers attention backend of the transformer(s), e.g. flash, _native_cudnn, sage "
+                          "(default: diffusers' own, PyTorch SDPA)")
     generate.set_defaults(func=run_generate)
 
     converter = subparsers.add_parser("convert", help="convert a Stand-In adapter (.ckpt or safetensors) to ours")
@@ -161,6 +170,12 @@ def flags_problem(args) -> str | None:
         problem = setting_problem(name, getattr(args, name))
         if problem:
             return f"--{name.replace('_', '-')} {problem}"
+    if args.attention_backend is not None:
+        from diffusers.models.attention_dispatch import AttentionBackendName
+
+        names = sorted(backend.value for backend in AttentionBackendName)
+        if args.attention_backend not in names:
+            return f"unknown --attention-backend {args.attention_backend!r}: diffusers has {', '.join(names)}"
     return device_error(args.device)
 
 
@@ -204,14 +219,16 @@ def load_generator(args, base, adapter, adapter_low, loras, loras_low, device, v
         pipe = load_vace_pipeline(base, adapter, adapter_low, device=device, dtype=dtype)
     else:
         pipe = load_pipeline(base, adapter, adapter_low, device=device, dtype=dtype)
+    transformers = [t for t in (pipe.transformer, getattr(pipe, "transformer_2", None)) if t is not None]
+    backend = args.attention_backend
+    if args.parallel in ("ring", "unified") and backend is None:
+        backend = "_native_cudnn"  # PyTorch's cuDNN attention returns the log-sum-exp ring attention merges with
+    if backend is not None:
+        for transformer in transformers:
+            transformer.set_attention_backend(backend)
     if args.parallel:
-        from diffusers import ContextParallelConfig
-
-        ranks = torch.distributed.get_world_size()
-        config = ContextParallelConfig(**{f"{args.parallel}_degree": ranks})
-        for transformer in (pipe.transformer, getattr(pipe, "transformer_2", None)):
-            if transformer is not None:
-                transformer.enable_parallelism(config=config)
+        for transformer in transformers:
+            transformer.enable_parallelism(config=context_parallel_config(args.parallel))
     if loras or loras_low:
         from standin.lora import load_loras
 
@@ -232,12 +249,13 @@ def load_generator(args, base, adapter, adapter_low, loras, loras_low, device, v
     return pipe, steps, guidance
 
 
-def generate_video(pipe, video: dict, args, model: dict, control=None) -> dict | None:
+def generate_video(pipe, video: dict, args, model: dict, control=None, control_references=None) -> dict | None:
     """Generate one video with a loaded pipeline and write it with its companion files and provenance; what was
     written (None on the ranks other than 0 of --parallel).
 
     video: the VIDEO_SETTINGS (reference a list of paths, output a Path). args: the flags every video shares
     (--no-preprocess, --no-cache, ...). model: the base, adapter and adapter_low the pipeline was loaded from.
+    control, control_references: the control video's frames and VACE's own reference images (PIL), for a VACE base.
     The companion files are written first and NAME.mp4 last: a video file means a finished video, which is what
     `generate --jobs` resumes from (each file is written atomically)."""
     import torch
@@ -261,7 +279,8 @@ def generate_video(pipe, video: dict, args, model: dict, control=None) -> dict |
 
         result = pipe(**{"negative_prompt": WAN_NEGATIVE_PROMPT, **common}, video=control_frames_as_images(control),
                       conditioning_scale=args.control_scale, height=control.shape[1], width=control.shape[2],
-                      num_frames=len(control), reference_image=references[0] if references else None)
+                      num_frames=len(control), reference_image=references[0] if references else None,
+                      reference_images=control_references or None)
     else:
         result = pipe(**common, reference_image=references[0] if len(references) == 1 else references or None,
                       reference_guidance=video["reference_guidance"],
@@ -310,12 +329,15 @@ def run_generate(args) -> int:
     except ValueError as error:
         return fail(str(error))
 
-    control = None
+    control, control_references = None, []
+    if args.control_reference and args.control is None:
+        return fail("--control-reference needs --control (VACE's own reference frames)")
     if args.control is not None:
         problem = ("--control needs a Wan VACE --base" if args.base is None else
-                   "--control fixes the size from the control video: drop --height / --width"
-                   if args.height is not None or args.width is not None else
-                   "--reference-guidance is not available with --control" if args.reference_guidance != 1.0 else
+                   "give both --height and --width with --control (or neither: the control video's size)"
+                   if (args.height is None) != (args.width is None) else
+                   "--reference-guidance is not available with --control"
+                   if args.reference_guidance not in (None, 1.0) else
                    "--parallel is not available with --control" if args.parallel else
                    "several --reference are not available with --control" if len(args.reference or []) > 1 else
                    f"--control-scale must be a finite number, got {args.control_scale}"
@@ -324,15 +346,19 @@ def run_generate(args) -> int:
             return fail(problem)
         from standin.vace import ControlVideoError, read_control_video
 
+        from standin.preprocess.images import load_image
+
         try:
-            control = read_control_video(args.control, num_frames=args.frames)
-        except ControlVideoError as error:
+            size = None if args.height is None else (args.height, args.width)
+            control = read_control_video(args.control, num_frames=args.frames, size=size)
+            control_references = [load_image(path) for path in args.control_reference or []]
+        except (ControlVideoError, ValueError) as error:
             return fail(str(error))
 
     references = args.reference or []
     reference_paths, sheet_path = output_paths(output, len(references))
     try:
-        for reference in references:
+        for reference in references + (args.control_reference or []):
             problem = regular_file_problem(reference, "reference image")
             if problem:
                 raise FileNotFoundError(f"{reference}: {problem}")
@@ -344,14 +370,15 @@ def run_generate(args) -> int:
             adapter = model["adapter"] if references else None
         check_outputs([output, *reference_paths, sheet_path],
                       [*(("reference", r) for r in references), ("adapter", adapter), ("adapter", adapter_low),
-                       *(("LoRA", path) for path, _ in loras + loras_low), ("control video", args.control)])
-        device = start_context_parallel(args.device) if args.parallel else args.device
+                       *(("LoRA", path) for path, _ in loras + loras_low), ("control video", args.control),
+                       *(("control reference", path) for path in args.control_reference or [])])
+        device = start_context_parallel(args.device, args.parallel) if args.parallel else args.device
         pipe, steps, guidance = load_generator(args, base, adapter, adapter_low, loras, loras_low, device,
                                                vace=control is not None)
         video = {**{name: getattr(args, name) for name in VIDEO_SETTINGS}, "reference": references,
                  "output": output, "steps": steps, "guidance": guidance}
         report = generate_video(pipe, video, args, {"base": base, "adapter": adapter, "adapter_low": adapter_low},
-                                control)
+                                control, control_references)
     except (OSError, ValueError, NoDefaultModelError, AdapterFileError, LoraFileError) as error:
         return fail(str(error))
     if report is not None:
@@ -359,7 +386,23 @@ def run_generate(args) -> int:
     return 0
 
 
-def start_context_parallel(device: str | None) -> str:
+def context_parallel_config(kind: str):
+    """diffusers' ContextParallelConfig over all processes: Ulysses, ring, or unified (Ulysses among the processes
+    of one machine, which share fast links, and ring across machines)."""
+    import torch
+    from diffusers import ContextParallelConfig
+
+    ranks = torch.distributed.get_world_size()
+    if kind != "unified":
+        return ContextParallelConfig(**{f"{kind}_degree": ranks})
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", ranks))
+    if local in (1, ranks) or ranks % local:
+        raise ValueError(f"--parallel unified runs Ulysses within each machine and ring across machines: {ranks} "
+                         f"processes, {local} per machine; on one machine use --parallel ulysses or ring")
+    return ContextParallelConfig(ulysses_degree=local, ring_degree=ranks // local)
+
+
+def start_context_parallel(device: str | None, kind: str = "ulysses") -> str:
     """Join the process group torchrun set up (NCCL on GPUs, gloo on CPUs); this rank's device."""
     import torch
     import torch.distributed as dist
@@ -369,6 +412,9 @@ def start_context_parallel(device: str | None) -> str:
     cuda = torch.cuda.is_available() and device in (None, "cuda")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
+    if kind in ("ring", "unified") and not cuda:
+        raise ValueError(f"--parallel {kind} needs a GPU attention backend that returns the log-sum-exp (flash, "
+                         "_native_cudnn): none does on CPUs; use --parallel ulysses there")
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         return f"cuda:{torch.cuda.current_device()}"

@@ -144,7 +144,7 @@ def test_sizes_fps_and_preprocessing_come_from_the_base(tmp_path, capsys):
 
     pipe = tiny_pipeline()
     pipe.register_to_config(default_height=16, default_width=32, default_num_frames=9, default_fps=5,
-                            preprocess_reference=False)
+                            preprocess_reference=False, default_reference_guidance=2.0)
     pipe.save_pretrained(tmp_path / "base")
     save_adapter(pipe.adapters["transformer"], tmp_path / "adapter.safetensors")
     pixels = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
@@ -160,6 +160,11 @@ def test_sizes_fps_and_preprocessing_come_from_the_base(tmp_path, capsys):
     # preprocess_reference False: the reference is only squared, here already square at the model's size
     seen = np.asarray(PIL.Image.open(companion_paths(tmp_path / "a.mp4")[0]))
     assert np.array_equal(seen, pixels)
+    # identity guidance: the base's 2 unless asked (1, the published sampler, differs)
+    for name, g_ref in (("g2.mp4", "2"), ("g1.mp4", "1")):
+        assert main(common + ["-o", str(tmp_path / name), "--reference-guidance", g_ref]) == 0
+    assert np.array_equal(read_video(tmp_path / "a.mp4"), read_video(tmp_path / "g2.mp4"))
+    assert not np.array_equal(read_video(tmp_path / "a.mp4"), read_video(tmp_path / "g1.mp4"))
     assert main(common + ["-o", str(tmp_path / "b.mp4"), "--height", "32", "--frames", "5", "--fps", "7"]) == 0
     with imageio.get_reader(tmp_path / "b.mp4") as reader:
         assert reader.get_meta_data()["fps"] == 7
@@ -227,3 +232,33 @@ def test_unwritable_output_and_a_folder_as_reference_fail_before_any_work(model_
     assert main(["generate", "--base", str(model_folder / "base"), "--adapter", str(model_folder / "adapter.safetensors"),
                  "--reference", str(tmp_path), "--prompt", "x", "-o", str(tmp_path / "x.mp4")]) == 1
     assert "is a folder, not a reference image" in capsys.readouterr().err
+
+
+def test_attention_backend_and_parallel_flags(model_folder, tmp_path, capsys, monkeypatch):
+    import socket
+
+    import torch.distributed as dist
+
+    assert generate(model_folder, tmp_path / "math.mp4", "--attention-backend", "_native_math") == 0
+    assert generate(model_folder, tmp_path / "x.mp4", "--attention-backend", "banana") == 1
+    assert "unknown --attention-backend 'banana'" in capsys.readouterr().err
+    assert generate(model_folder, tmp_path / "x.mp4", "--parallel", "ulysses") == 1
+    assert "runs under torchrun" in capsys.readouterr().err
+    # A one-process group, as torchrun would set it up: ring needs a log-sum-exp backend, which CPUs lack.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    try:
+        assert generate(model_folder, tmp_path / "x.mp4", "--parallel", "ring") == 1
+        assert "needs a GPU attention backend" in capsys.readouterr().err
+        from standin.commands import context_parallel_config
+
+        with pytest.raises(ValueError, match="on one machine use --parallel ulysses or ring"):
+            context_parallel_config("unified")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["math.mp4", "math.reference.png", "math.sheet.png"]

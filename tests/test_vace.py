@@ -149,13 +149,21 @@ def test_generate_with_control(vace_folder, tmp_path, capsys):
     frames = read_video(tmp_path / "out.mp4")
     assert report["frames"] == 5 and frames.shape[:3] == (5, 32, 32)  # 7 frames -> 5 (4k+1); 36x40 -> 32x32
     assert (tmp_path / "out.reference.png").is_file()
+    # VACE's own reference frame in front: the video keeps the control's length (the extra latent frame is
+    # dropped); a size of the control's aspect resizes it.
+    assert generate_control(vace_folder, tmp_path / "vace_ref.mp4", "--control-reference",
+                            str(vace_folder / "face.png"), "--height", "144", "--width", "160", "--frames", "5") == 0
+    assert read_video(tmp_path / "vace_ref.mp4").shape[:3] == (5, 144, 160)  # 40x36 is 160x144's aspect
 
 
 @pytest.mark.parametrize("extra, kwargs, message", [
     ((), {"control": "broken.mp4"}, "broken.mp4"),
     ((), {"control": "missing.mp4"}, "missing.mp4"),
     ((), {"base": "plain_base"}, "not a Wan VACE model"),
-    (("--height", "32"), {}, "drop --height"),
+    (("--height", "32"), {}, "both --height and --width"),
+    (("--height", "32", "--width", "64"), {}, "another aspect"),
+    (("--frames", "9"), {}, "7 frames, fewer than the 9 asked"),
+    (("--control-reference", "nowhere.png"), {}, "nowhere.png"),
     (("--reference-guidance", "2"), {}, "--reference-guidance"),
 ])
 def test_bad_control_inputs_fail_in_one_line_and_write_nothing(vace_folder, tmp_path, capsys, extra, kwargs,
@@ -250,3 +258,12 @@ def test_with_a_reference_it_matches_the_independent_implementation(vace_referen
 def test_vace_reference_count():
     image = reference_image()
     assert [vace_reference_count(x) for x in (None, image, [image, image], [[image, image]])] == [0, 1, 2, 2]
+
+
+def test_control_reference_needs_control(vace_folder, tmp_path, capsys):
+    from standin.cli import main
+
+    assert main(["generate", "--base", str(vace_folder / "base"), "--prompt", "x", "-o", str(tmp_path / "o.mp4"),
+                 "--control-reference", str(vace_folder / "face.png")]) == 1
+    assert "--control-reference needs --control" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
