@@ -6,8 +6,8 @@ told for both, A named first ("A man and a woman wave on a beach at noon."; the 
 left) -- every variant generates from the same noise: (a) the base, no reference; (b) Stand-In with A's reference
 alone and (c) with B's alone; (d) Stand-In with both, [A, B] (StandInPipeline's several references, zero-shot: the
 adapter was trained on one person a clip), and (e) both in the other order, [B, A], which tells whether the order
-of the references or the prompt decides who lands where. The mini model was never shown two people either, and its tokenizer
-knows neither "and" nor the plural verbs (standin_mini.prompts). The world's own render of the case, and that
+of the references or the prompt decides who lands where. The mini model was never shown two people either, and its
+tokenizer knows neither "and" nor the plural verbs (standin_mini.prompts). The world's own render of the case, and that
 render through the model's VAE, are measured as ceilings.
 
 Measured in every frame with the world's face model: all faces are detected and embedded, and the references A and B
@@ -159,7 +159,8 @@ def markdown_table(summary: dict) -> str:
     for name, s in summary.items():
         seconds = s.get("seconds_per_video")
         lines.append(
-            f"| {name} | {_cell(s['face_sim_A'], s['face_sim_A_ci95'])} | {_cell(s['face_sim_B'], s['face_sim_B_ci95'])}"
+            f"| {name} | {_cell(s['face_sim_A'], s['face_sim_A_ci95'])}"
+            f" | {_cell(s['face_sim_B'], s['face_sim_B_ci95'])}"
             f" | {_cell(s['gain_A'], s['gain_A_ci95'], signed=True) if s['gain_A'] is not None else ''}"
             f" | {_cell(s['gain_B'], s['gain_B_ci95'], signed=True) if s['gain_B'] is not None else ''}"
             f" | {_cell(s['face_rate_A'], digits=2)} | {_cell(s['face_rate_B'], digits=2)}"
