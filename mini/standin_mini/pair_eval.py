@@ -7,8 +7,8 @@ left) -- every variant generates from the same noise: (a) the base, no reference
 alone and (c) with B's alone; (d) Stand-In with both, [A, B] (StandInPipeline's several references, zero-shot: the
 adapter was trained on one person a clip), and (e) both in the other order, [B, A], which tells whether the order
 of the references or the prompt decides who lands where. The mini model was never shown two people either, and its
-tokenizer knows neither "and" nor the plural verbs (standin_mini.prompts). The world's own render of the case, and that
-render through the model's VAE, are measured as ceilings.
+tokenizer knows neither "and" nor the plural verbs (standin_mini.prompts). The world's own render of the case, and
+that render through the model's VAE, are measured as ceilings.
 
 Measured in every frame with the world's face model: all faces are detected and embedded, and the references A and B
 are matched to them by the Hungarian algorithm on cosine similarity (the assignment with the largest total
