@@ -1,6 +1,7 @@
 """`standin mini ...`: the mini world from the command line (the `standin.commands` entry point `mini`).
 
     standin mini clip "A child waves on a beach at noon." --identity 42 --out clip.mp4
+    standin mini clip "A man and a woman wave on a beach at noon." --identity 2 --identity-2 34 --out two.mp4
     standin mini reference --identity 34 --out woman.png
     standin mini check clip.mp4 "A child waves on a beach at noon."
     standin mini sheet identities.png
@@ -22,18 +23,33 @@ CLIP_EXAMPLE = "A person jumps in the snow at night."
 def _clip(args) -> int:
     from standin.io import atomic_write, check_writable
     from standin.video import companion_paths, save_video
-    from standin_mini.data import make_clip
+    from standin_mini.data import make_clip, make_pair_clip
+    from standin_mini.prompts import parse_prompt
 
     out = Path(args.out)
     reference_path = companion_paths(out)[0]
     try:
         if out.suffix.lower() not in (".mp4", ".gif"):
             raise ValueError(f"--out must be an .mp4 or .gif file, got {out.name}")
+        prompt = parse_prompt(args.prompt)
+        identities = [args.identity] if prompt.who_2 is None else [args.identity, args.identity_2]
+        if prompt.who_2 is not None and args.identity_2 is None:
+            raise ValueError(f"'{prompt}' has two people: give the second one's identity with --identity-2")
+        # Two people: NAME.reference-1.png (left, the first named) and NAME.reference-2.png, as `standin generate`
+        # names several references.
+        reference_paths = [reference_path] if len(identities) == 1 else [
+            reference_path.with_name(reference_path.name.replace(".reference.png", f".reference-{k}.png"))
+            for k in (1, 2)]
         check_writable(out)
-        check_writable(reference_path)
-        clip = make_clip(args.identity, args.prompt, num_frames=args.frames, size=(args.size, args.size),
-                         seed=args.seed)
-        reference = _make_reference(args)
+        for path in reference_paths:
+            check_writable(path)
+        if len(identities) == 1:
+            clip = make_clip(args.identity, prompt, num_frames=args.frames, size=(args.size, args.size),
+                             seed=args.seed)
+        else:
+            clip = make_pair_clip(args.identity, args.identity_2, prompt, num_frames=args.frames,
+                                  size=(args.size, args.size), seed=args.seed)
+        references = [_make_reference(identity, args) for identity in identities]
     except (OSError, ValueError) as error:  # PromptError is a ValueError
         return fail(str(error))
     if out.suffix.lower() == ".gif":
@@ -43,17 +59,18 @@ def _clip(args) -> int:
                                                    extension=".gif"))
     else:
         save_video(clip.frames, out, fps=args.fps)
-    _save(reference, reference_path)
-    print(f"wrote {out} ({len(clip.frames)} frames of '{clip.prompt}') and {reference_path}")
+    for reference, path in zip(references, reference_paths):
+        _save(reference, path)
+    print(f"wrote {out} ({len(clip.frames)} frames of '{clip.prompt}') and {', '.join(map(str, reference_paths))}")
     return 0
 
 
-def _make_reference(args):
+def _make_reference(identity: int, args):
     from PIL import Image
 
     from standin_mini.data import make_reference
 
-    return Image.fromarray(make_reference(args.identity, args.size, seed=args.seed))
+    return Image.fromarray(make_reference(identity, args.size, seed=args.seed))
 
 
 def _save(image, path) -> Path:
@@ -68,7 +85,7 @@ def _reference(args) -> int:
 
     try:
         check_writable(args.out)
-        image = _make_reference(args)
+        image = _make_reference(args.identity, args)
     except (OSError, ValueError) as error:
         return fail(str(error))
     _save(image, args.out)
@@ -90,7 +107,11 @@ def _check(args) -> int:
 
     if len(frames) == 0:
         return fail(f"{args.video}: the video has no frames")
-    print(json.dumps(check_prompt(np.ascontiguousarray(frames), prompt), indent=2))
+    try:
+        checks = check_prompt(np.ascontiguousarray(frames), prompt)
+    except ValueError as error:  # a two-person prompt: the rules check one person
+        return fail(str(error))
+    print(json.dumps(checks, indent=2))
     return 0
 
 
@@ -178,6 +199,9 @@ def add_parser(subparsers):
     clip.add_argument("prompt", help=f'who, action, place, time of day, e.g. "{CLIP_EXAMPLE}"')
     clip.add_argument("--identity", type=int, default=0,
                       help="the person drawn, any integer; must fit the prompt's who (default: %(default)s)")
+    clip.add_argument("--identity-2", type=int, default=None,
+                      help="the second person of a two-person prompt (\"A man and a woman wave ...\"), drawn on "
+                      "the right; its reference is NAME.reference-2.png, the first's NAME.reference-1.png")
     clip.add_argument("--out", default="clip.mp4", help="output .mp4 or .gif; the reference photo goes beside it "
                       "as NAME.reference.png (default: %(default)s)")
     clip.add_argument("--frames", type=int, default=MINI_SIZES["num_frames"],

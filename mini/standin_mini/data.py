@@ -55,8 +55,19 @@ def _smoothstep(t):
     return t * t * (3 - 2 * t)
 
 
-def action_poses(action: str, num_frames: int, rng: np.random.Generator) -> tuple[list[world.Pose], np.ndarray]:
-    """The character's pose in each frame and the camera zoom (1 = none) that act out `action`."""
+@dataclass
+class _Track:
+    """One character's motion over a clip, before the camera's zoom: per-frame arrays (wave None: no hand)."""
+    x: np.ndarray
+    y: np.ndarray
+    scale: np.ndarray
+    yaw: np.ndarray
+    pitch: np.ndarray
+    wave: np.ndarray | None
+    zoom: np.ndarray  # the camera's zoom, 1 = none
+
+
+def _action_track(action: str, num_frames: int, rng: np.random.Generator) -> _Track:
     t = np.linspace(0, 1, num_frames)
     x = np.full(num_frames, rng.uniform(0.42, 0.58))
     y = np.full(num_frames, rng.uniform(0.4, 0.5))
@@ -90,13 +101,49 @@ def action_poses(action: str, num_frames: int, rng: np.random.Generator) -> tupl
         x = x + 0.004 * np.sin(2 * np.pi * t + rng.uniform(0, 6))
     else:
         raise ValueError(f"unknown action {action!r}")
+    return _Track(x=x, y=y, scale=scale, yaw=yaw, pitch=pitch, wave=wave, zoom=zoom)
+
+
+def _posed(track: _Track, zoom: np.ndarray, rng: np.random.Generator) -> list[world.Pose]:
+    """The poses of `track` seen through the camera's `zoom` (about the frame's centre), with an expression and
+    maybe one blink."""
     mouth = str(rng.choice(["closed", "closed", "smile"]))
-    blink = int(rng.integers(0, num_frames)) if rng.random() < 0.5 else -1
-    poses = [world.Pose(x=0.5 + (x[k] - 0.5) * zoom[k], y=0.5 + (y[k] - 0.5) * zoom[k], scale=scale[k] * zoom[k],
-                        yaw=float(yaw[k]), pitch=float(pitch[k]), mouth=mouth, eyes_closed=k == blink,
-                        wave=None if wave is None else float(wave[k]))
-             for k in range(num_frames)]
-    return poses, zoom
+    blink = int(rng.integers(0, len(zoom))) if rng.random() < 0.5 else -1
+    return [world.Pose(x=0.5 + (track.x[k] - 0.5) * zoom[k], y=0.5 + (track.y[k] - 0.5) * zoom[k],
+                       scale=track.scale[k] * zoom[k], yaw=float(track.yaw[k]), pitch=float(track.pitch[k]),
+                       mouth=mouth, eyes_closed=k == blink, wave=None if track.wave is None else float(track.wave[k]))
+            for k in range(len(zoom))]
+
+
+def action_poses(action: str, num_frames: int, rng: np.random.Generator) -> tuple[list[world.Pose], np.ndarray]:
+    """The character's pose in each frame and the camera zoom (1 = none) that act out `action`."""
+    track = _action_track(action, num_frames, rng)
+    return _posed(track, track.zoom, rng), track.zoom
+
+
+# Two people: each one's single-person motion shrunk by PAIR_SCALE about the frame's bottom (so both stand on the
+# ground, walks and jumps shrinking with them), its horizontal wander by PAIR_SPREAD about its own side's centre,
+# PAIR_OFFSET from the frame's; the camera actions put them closer (the zoom spreads them) and zoom less. Sized so
+# that the left one's waving hand (2.6 face half-heights to its right) never reaches the right one's shoulder.
+PAIR_SCALE, PAIR_SPREAD, PAIR_OFFSET = 0.6, 0.3, 0.28
+PAIR_CAMERA_OFFSET, PAIR_CAMERA_ZOOM = 0.18, 0.6  # the latter: the fraction of the one-person zoom kept
+
+
+def pair_action_poses(action: str, num_frames: int,
+                      rng: np.random.Generator) -> tuple[list[world.Pose], list[world.Pose], np.ndarray]:
+    """The left and the right character's poses in each frame, both acting out `action` (each its own timing and
+    expression), and the camera zoom."""
+    tracks = [_action_track(action, num_frames, rng) for _ in range(2)]
+    camera = action in ("zoom_in", "zoom_out")
+    zoom = 1 + (tracks[0].zoom - 1) * (PAIR_CAMERA_ZOOM if camera else 1)  # one camera: the first track's zoom
+    offset = PAIR_CAMERA_OFFSET if camera else PAIR_OFFSET
+    poses = []
+    for side, track in zip((-1, 1), tracks):
+        track.x = 0.5 + side * offset + (track.x - 0.5) * PAIR_SPREAD
+        track.y = 1 + (track.y - 1) * PAIR_SCALE
+        track.scale = track.scale * PAIR_SCALE
+        poses.append(_posed(track, zoom, rng))
+    return poses[0], poses[1], zoom
 
 
 def _zoomed(view: np.ndarray, zoom: float, size: tuple[int, int]) -> np.ndarray:
@@ -107,26 +154,69 @@ def _zoomed(view: np.ndarray, zoom: float, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(view).resize((size[1], size[0]), Image.BILINEAR, box=box))
 
 
+def _check_who(identity_id: int, who: str) -> None:
+    drawn = world.identity(identity_id).who
+    if who not in ("person", drawn):
+        raise ValueError(f"identity {identity_id} is drawn as '{drawn}', the prompt says '{who}'")
+
+
+def _scene(prompt: Prompt, zoom: np.ndarray, size: tuple[int, int],
+           rng: np.random.Generator) -> tuple[world.Light, list[np.ndarray]]:
+    """The clip's light and its background in each frame (through the camera's zoom)."""
+    light = world.time_light(prompt.time, rng)
+    layout = int(rng.integers(0, 2**31))
+    if np.all(zoom == 1):
+        return light, [world.background(prompt.place, prompt.time, size, layout)] * len(zoom)
+    view = world.background(prompt.place, prompt.time, (int(size[0] * MAX_ZOOM), int(size[1] * MAX_ZOOM)), layout)
+    return light, [_zoomed(view, z, size) for z in zoom]
+
+
 def make_clip(identity_id: int, prompt: Prompt | str, num_frames: int = 17, size: tuple[int, int] = (64, 64),
               seed: int = 0) -> Clip:
     """A clip of `identity_id` acting out `prompt`; `seed` varies everything the prompt leaves open."""
     prompt = parse_prompt(prompt) if isinstance(prompt, str) else prompt
-    ident = world.identity(identity_id)
-    if prompt.who not in ("person", ident.who):
-        raise ValueError(f"identity {identity_id} is drawn as '{ident.who}', the prompt says '{prompt.who}'")
+    if prompt.who_2 is not None:
+        raise ValueError(f"'{prompt}' has two people: draw it with make_pair_clip")
+    _check_who(identity_id, prompt.who)
     rng = np.random.default_rng([seed, identity_id, 0])
     poses, zoom = action_poses(prompt.action, num_frames, rng)
-    light = world.time_light(prompt.time, rng)
-    layout = int(rng.integers(0, 2**31))
-    if np.all(zoom == 1):
-        views = [world.background(prompt.place, prompt.time, size, layout)] * num_frames
-    else:
-        view = world.background(prompt.place, prompt.time, (int(size[0] * MAX_ZOOM), int(size[1] * MAX_ZOOM)), layout)
-        views = [_zoomed(view, z, size) for z in zoom]
-    renders = [world.render(ident, pose, light, bg, size) for pose, bg in zip(poses, views)]
+    light, views = _scene(prompt, zoom, size, rng)
+    renders = [world.render(world.identity(identity_id), pose, light, bg, size) for pose, bg in zip(poses, views)]
     return Clip(frames=np.stack([r.image for r in renders]), boxes=np.stack([r.box for r in renders]),
                 landmarks=np.stack([r.landmarks for r in renders]), masks=np.stack([r.mask for r in renders]),
                 poses=poses, prompt=prompt, identity_id=identity_id)
+
+
+@dataclass
+class PairClip:
+    """Two people in one clip; index 0 of the person axis is the left one (the prompt's first), 1 the right."""
+    frames: np.ndarray  # [T, H, W, 3] uint8
+    boxes: np.ndarray  # [T, 2, 4] float32 face boxes x0, y0, x1, y1 in pixels
+    landmarks: np.ndarray  # [T, 2, 5, 2] float32
+    masks: np.ndarray  # [T, 2, H, W] float32 each person's visible coverage
+    poses: list[tuple[world.Pose, world.Pose]]
+    prompt: Prompt
+    identity_ids: tuple[int, int]
+
+
+def make_pair_clip(identity_id: int, identity_id_2: int, prompt: Prompt | str, num_frames: int = 17,
+                   size: tuple[int, int] = (64, 64), seed: int = 0) -> PairClip:
+    """A clip of two people acting out a two-person `prompt` side by side: `identity_id` on the left (the prompt's
+    `who`), `identity_id_2` on the right (`who_2`); `seed` varies everything the prompt leaves open."""
+    prompt = parse_prompt(prompt) if isinstance(prompt, str) else prompt
+    if prompt.who_2 is None:
+        raise ValueError(f"'{prompt}' has one person: draw it with make_clip")
+    _check_who(identity_id, prompt.who)
+    _check_who(identity_id_2, prompt.who_2)
+    rng = np.random.default_rng([seed, identity_id, identity_id_2, 3])
+    left, right, zoom = pair_action_poses(prompt.action, num_frames, rng)
+    light, views = _scene(prompt, zoom, size, rng)
+    people = [world.identity(identity_id), world.identity(identity_id_2)]
+    renders = [world.render_group(people, [a, b], light, bg, size) for a, b, bg in zip(left, right, views)]
+    stacked = lambda field: np.stack([np.stack([getattr(r, field) for r in frame]) for frame in renders])
+    return PairClip(frames=np.stack([frame[0].image for frame in renders]), boxes=stacked("box"),
+                    landmarks=stacked("landmarks"), masks=stacked("mask"), poses=list(zip(left, right)),
+                    prompt=prompt, identity_ids=(identity_id, identity_id_2))
 
 
 # ---------------------------------------------------------------------------------------------------------------

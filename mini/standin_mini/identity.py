@@ -27,7 +27,7 @@ from torch import nn
 
 from standin.faces.base import Face
 from standin_mini.data import crop_reference
-from standin_mini.prompts import Prompt, parse_prompt
+from standin_mini.prompts import Prompt, PromptError, parse_prompt
 from standin_mini.settings import IDENTITY_WEIGHTS
 from standin_mini.world import ADULT_DETAILS, ATTRIBUTES, PLACES, TIMES, who_of
 
@@ -283,6 +283,8 @@ def check_prompt(frames: np.ndarray, prompt: Prompt | str, backend: MiniFaceBack
     motion measurements behind the action."""
     backend = backend or default_backend()
     prompt = parse_prompt(prompt) if isinstance(prompt, str) else prompt
+    if prompt.who_2 is not None:  # the rules follow one face track
+        raise PromptError(f"'{prompt}' has two people: the world's rules check one-person clips only")
     track, place, time, attributes = face_track(backend, frames)
     measures = action_measures(frames, track)
     action = decide_action(measures, backend.rules)

@@ -449,34 +449,49 @@ def render(ident: Identity, pose: Pose | None = None, light: Light | None = None
            background: np.ndarray | None = None, size: tuple[int, int] = (64, 64)) -> Render:
     """Draws `ident` in `pose` (default: frontal, centred) under `light` (default: neutral) onto `background`
     ([H, W, 3] uint8, None for white) in a frame of `size` (height, width)."""
-    pose, light = pose or Pose(), light or Light()
-    height, width = size
-    ss = supersampling(size)
-    canvas = Image.new("RGBA", (width * ss, height * ss), (0, 0, 0, 0))
-    r = pose.scale * height * ss / 2
-    cx, cy = pose.x * width * ss, pose.y * height * ss
-    cy += 0.15 * r * pose.pitch  # a nodding head dips a little
-    outline, landmarks = _draw_character(ImageDraw.Draw(canvas), ident, pose, cx, cy, r)
+    return render_group([ident], [pose or Pose()], light, background, size)[0]
 
-    layer = np.asarray(canvas.reduce(ss), dtype=np.float32)
-    alpha = layer[..., 3:] / 255.0
+
+def render_group(idents: list[Identity], poses: list[Pose], light: Light | None = None,
+                 background: np.ndarray | None = None, size: tuple[int, int] = (64, 64)) -> list[Render]:
+    """Draws several characters into one frame, in list order (a later one in front of an earlier one), as
+    `render` draws one. One Render per character, all with the same image; a character's mask is the part of it
+    still visible in front of the ones drawn before it and behind the ones drawn after."""
+    if len(idents) != len(poses):
+        raise ValueError(f"{len(idents)} identities but {len(poses)} poses")
+    light = light or Light()
+    height, width = size
     if background is None:
         background = np.full((height, width, 3), 255, dtype=np.uint8)
     if background.shape != (height, width, 3):
         raise ValueError(f"background must be [{height}, {width}, 3], got {list(background.shape)}")
-    image = background.astype(np.float32) * (1 - alpha) + layer[..., :3] * alpha
+    ss = supersampling(size)
+    image = background.astype(np.float32)
+    drawn = []
+    for ident, pose in zip(idents, poses):
+        canvas = Image.new("RGBA", (width * ss, height * ss), (0, 0, 0, 0))
+        r = pose.scale * height * ss / 2
+        cx, cy = pose.x * width * ss, pose.y * height * ss
+        cy += 0.15 * r * pose.pitch  # a nodding head dips a little
+        outline, landmarks = _draw_character(ImageDraw.Draw(canvas), ident, pose, cx, cy, r)
 
-    # Directional key light across the character, then the scene's brightness and colour cast on everything.
-    xs = (np.arange(width, dtype=np.float32) + 0.5 - cx / ss) / max(1.3 * r / ss, 1e-3)
-    side_light = 1 + light.strength * light.direction * np.clip(xs, -1, 1)
-    image = image * (1 + (side_light[None, :, None] - 1) * alpha)
+        layer = np.asarray(canvas.reduce(ss), dtype=np.float32)
+        alpha = layer[..., 3:] / 255.0
+        image = image * (1 - alpha) + layer[..., :3] * alpha
+        # Directional key light across the character (each its own, around its centre).
+        xs = (np.arange(width, dtype=np.float32) + 0.5 - cx / ss) / max(1.3 * r / ss, 1e-3)
+        side_light = 1 + light.strength * light.direction * np.clip(xs, -1, 1)
+        image = image * (1 + (side_light[None, :, None] - 1) * alpha)
+
+        to_pixels = lambda uv: np.stack([(cx + uv[:, 0] * r) / ss, (cy + uv[:, 1] * r) / ss], axis=1)
+        face = to_pixels(outline)
+        box = np.array([face[:, 0].min(), face[:, 1].min(), face[:, 0].max(), face[:, 1].max()], dtype=np.float32)
+        drawn = [(b, lm, mask * (1 - alpha[..., 0])) for b, lm, mask in drawn]  # hidden where this one covers
+        drawn.append((box, to_pixels(landmarks).astype(np.float32), alpha[..., 0]))
+    # The scene's brightness and colour cast on everything.
     image = image * light.brightness * np.asarray(light.tint, dtype=np.float32)
     image = np.clip(image + 0.5, 0, 255).astype(np.uint8)
-
-    to_pixels = lambda uv: np.stack([(cx + uv[:, 0] * r) / ss, (cy + uv[:, 1] * r) / ss], axis=1)
-    face = to_pixels(outline)
-    box = np.array([face[:, 0].min(), face[:, 1].min(), face[:, 0].max(), face[:, 1].max()], dtype=np.float32)
-    return Render(image=image, box=box, landmarks=to_pixels(landmarks).astype(np.float32), mask=alpha[..., 0])
+    return [Render(image=image, box=box, landmarks=landmarks, mask=mask) for box, landmarks, mask in drawn]
 
 
 # ---------------------------------------------------------------------------------------------------------------
