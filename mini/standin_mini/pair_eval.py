@@ -206,7 +206,8 @@ def contact_sheet(examples: list[dict], frames_shown: int = 6, zoom: int = 2, la
     return stack_rows(rows)
 
 
-def evaluate(count: int, out: str, guidances=(5.0,), steps: int = 20, seed: int = 0, examples: int = 3) -> dict:
+def evaluate(count: int, out: str, guidances=(5.0,), steps: int = 20, seed: int = 0, examples: int = 3,
+             reference_guidance: float = 1.0) -> dict:
     torch.set_num_threads(1)  # the mini model is small: one thread beats several on a shared CPU
     pipe = load_mini_pipeline()
     pipe.set_progress_bar_config(disable=True)
@@ -227,7 +228,8 @@ def evaluate(count: int, out: str, guidances=(5.0,), steps: int = 20, seed: int 
             tick = time.perf_counter()
             result = pipe(prompt=str(prompt), reference_image=images or None, preprocess_reference=False,
                           height=height, width=width, num_frames=frames_count, num_inference_steps=steps,
-                          guidance_scale=guidance, generator=torch.Generator().manual_seed(seed + index))
+                          guidance_scale=guidance, reference_guidance=reference_guidance,
+                          generator=torch.Generator().manual_seed(seed + index))
             seconds[name] += time.perf_counter() - tick
             videos[variant, guidance] = to_uint8(result.frames[0])
         example = {"reference_a": reference_a, "reference_b": reference_b, "prompt": str(prompt), "rows": {}}
@@ -244,7 +246,8 @@ def evaluate(count: int, out: str, guidances=(5.0,), steps: int = 20, seed: int 
     for (variant, guidance), name in variants.items():
         base = None if variant == "base" else rows[variants["base", guidance]]
         summary[name] = {**summarize(rows[name], base), "seconds_per_video": seconds[name] / count}
-    report = {"count": count, "steps": steps, "guidances": list(guidances), "seed": seed,
+    report = {"count": count, "steps": steps, "guidances": list(guidances), "reference_guidance": reference_guidance,
+              "seed": seed,
               "size": [frames_count, height, width], "seconds": round(time.perf_counter() - started, 1),
               "summary": summary, "clips": rows}
     text = markdown_table(summary)
@@ -264,9 +267,12 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--examples", type=int, default=3, help="cases shown on the contact sheet")
+    parser.add_argument("--reference-guidance", type=float, default=1.0,
+                        help="identity guidance g_ref of the rows with references (1: the published sampler)")
     parser.add_argument("--out", required=True, help="output stem: writes STEM.md, STEM.json and STEM.png")
     args = parser.parse_args(argv)
-    evaluate(args.count, args.out, tuple(args.guidance or (5.0,)), args.steps, args.seed, args.examples)
+    evaluate(args.count, args.out, tuple(args.guidance or (5.0,)), args.steps, args.seed, args.examples,
+             args.reference_guidance)
     return 0
 
 
