@@ -117,15 +117,36 @@ def tiny_base(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def encoded_data(tmp_path_factory, tiny_base) -> Path:
-    """A pre-encoded dataset (latents, text embeddings, reference latents of the tiny base) of three clips."""
-    root = tmp_path_factory.mktemp("data")
+def encode_square_videos(root: Path, base: Path) -> Path:
+    """The three square clips, pre-encoded with `base` (latents, text embeddings, reference latents) in root."""
     write_square_videos(root / "videos")
     settings = PrepareSettings(height=32, width=32, num_frames=9, fps=12.5, reference_size=32, background="keep")
-    prepare_dataset(root / "videos", root / "dataset", settings, encode_with=str(tiny_base), device="cpu",
+    prepare_dataset(root / "videos", root / "dataset", settings, encode_with=str(base), device="cpu",
                     backend=CentreFace(), progress=False)
     return root / "dataset"
+
+
+@pytest.fixture(scope="module")
+def encoded_data(tmp_path_factory, tiny_base) -> Path:
+    """A pre-encoded dataset of the tiny base, three clips."""
+    return encode_square_videos(tmp_path_factory.mktemp("data"), tiny_base)
+
+
+def interrupt_training(monkeypatch, at_call: int):
+    """Trainer.train_step raises KeyboardInterrupt at its `at_call`-th call (the steps before it complete);
+    returns the real train_step, to put back."""
+    from standin.train.trainer import Trainer
+
+    train_step, calls = Trainer.train_step, []
+
+    def interrupted_step(self, batches):
+        calls.append(1)
+        if len(calls) == at_call:
+            raise KeyboardInterrupt
+        return train_step(self, batches)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted_step)
+    return train_step
 
 
 def train_config(base, data, output, **overrides) -> TrainConfig:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, losses, train_config
+from conftest import REPO, interrupt_training, losses, train_config
 from diffusers import WanTransformer3DModel
 from safetensors.torch import load_file
 
@@ -143,15 +143,7 @@ def assert_same_run(run: Path, reference: Path) -> None:
 def test_interrupted_then_resumed_run_equals_the_uninterrupted_one(tiny_base, encoded_data, uninterrupted,
                                                                    tmp_path, monkeypatch):
     run = tmp_path / "run"
-    train_step, calls = Trainer.train_step, []
-
-    def interrupted_step(self, batches):
-        calls.append(1)
-        if len(calls) == 5:  # steps 1-4 done, the last checkpoint is step 3
-            raise KeyboardInterrupt
-        return train_step(self, batches)
-
-    monkeypatch.setattr(Trainer, "train_step", interrupted_step)
+    train_step = interrupt_training(monkeypatch, 5)  # steps 1-4 done, the last checkpoint is step 3
     with pytest.raises(KeyboardInterrupt):
         Trainer(train_config(tiny_base, encoded_data, run, **RESUME_SETTINGS)).train()
     assert run_state.latest_checkpoint(run).name == "step-0000003"

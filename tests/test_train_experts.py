@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CentreFace, losses, reference_image, train_config, write_square_videos
+from conftest import encode_square_videos, interrupt_training, losses, reference_image, train_config
 from diffusers import WanTransformer3DModel
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -16,8 +16,6 @@ from safetensors.torch import load_file
 from standin.cli import main
 from standin.loading import load_pipeline
 from standin.tiny import tiny_pipeline
-from standin.train.config import PrepareSettings
-from standin.train.prepare import prepare_dataset
 from standin.train.trainer import VALIDATION_LEVELS, ExpertRange, Trainer, shifted_sigma
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -36,12 +34,7 @@ def two_expert_base(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def encoded_data(two_expert_base, tmp_path_factory) -> Path:
     """The conftest videos, pre-encoded with the two-expert base (which loads one expert to do it)."""
-    root = tmp_path_factory.mktemp("data")
-    write_square_videos(root / "videos")
-    settings = PrepareSettings(height=32, width=32, num_frames=9, fps=12.5, reference_size=32, background="keep")
-    prepare_dataset(root / "videos", root / "dataset", settings, encode_with=str(two_expert_base), device="cpu",
-                    backend=CentreFace(), progress=False)
-    return root / "dataset"
+    return encode_square_videos(tmp_path_factory.mktemp("data"), two_expert_base)
 
 
 def expert_config(base, data, output, expert, **overrides):
@@ -182,15 +175,7 @@ def test_an_interrupted_expert_run_resumes_exactly_and_only_as_that_expert(two_e
     Trainer(expert_config(two_expert_base, encoded_data, reference, "low", **RESUME)).train()
 
     run = tmp_path / "run"
-    train_step, calls = Trainer.train_step, []
-
-    def interrupted_step(self, batches):
-        calls.append(1)
-        if len(calls) == 4:  # steps 1-3 done, the last checkpoint is step 2
-            raise KeyboardInterrupt
-        return train_step(self, batches)
-
-    monkeypatch.setattr(Trainer, "train_step", interrupted_step)
+    train_step = interrupt_training(monkeypatch, 4)  # steps 1-3 done, the last checkpoint is step 2
     with pytest.raises(KeyboardInterrupt):
         Trainer(expert_config(two_expert_base, encoded_data, run, "low", **RESUME)).train()
     monkeypatch.setattr(Trainer, "train_step", train_step)
