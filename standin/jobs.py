@@ -176,8 +176,8 @@ def run_jobs(args) -> int:
     for flag, name in (("--prompt", "prompt"), ("-o", "output"), ("--reference", "reference")):
         if getattr(args, name) is not None:
             return fail(f"{flag} goes in the jobs file with --jobs: each line has its own {name}")
-    if args.control is not None:
-        return fail("--control is not available with --jobs")
+    if args.control is not None or args.control_reference:
+        return fail("--control and --control-reference are not available with --jobs")
     if args.parallel:
         return fail("--parallel is not available with --jobs: the videos are shared out over the processes instead")
     problem = flags_problem(args)

@@ -181,6 +181,7 @@ def test_flags_that_belong_to_each_video_are_refused_with_jobs(tmp_path, capsys)
                            (["-o", "x.mp4"], "-o goes in the jobs file"),
                            (["--reference", "r.png"], "--reference goes in the jobs file"),
                            (["--parallel", "ulysses"], "--parallel is not available with --jobs"),
+                           (["--control-reference", "r.png"], "--control-reference are not available with --jobs"),
                            (["--steps", "0"], "--steps must be at least 1")):
         assert main(["generate", "--jobs", str(jobs), *extra]) == 1
         err = capsys.readouterr().err
