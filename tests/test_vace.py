@@ -267,3 +267,26 @@ def test_control_reference_needs_control(vace_folder, tmp_path, capsys):
                  "--control-reference", str(vace_folder / "face.png")]) == 1
     assert "--control-reference needs --control" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_vace_folder_loads_with_an_official_ckpt(vace_folder, tmp_path):
+    """A diffusers-layout VACE folder with the official .ckpt (official key names, one LoRA triple per MAIN block:
+    the VACE blocks get none) is the pipeline with those numbers set by hand."""
+    from test_checkpoint import official_state_dict
+
+    from standin.vace import load_vace_pipeline
+
+    by_hand = load_vace_pipeline(vace_folder / "base", device="cpu")
+    state = official_state_dict(by_hand.transformer, seed=3)
+    torch.save(state, tmp_path / "Stand-In_wan2.1_T2V_14B_ver1.0.ckpt")
+    loaded = load_vace_pipeline(vace_folder / "base", tmp_path / "Stand-In_wan2.1_T2V_14B_ver1.0.ckpt", device="cpu")
+    adapter = loaded.adapters["transformer"]
+    assert len(adapter.blocks) == len(loaded.transformer.blocks) != len(loaded.transformer.vace_blocks)
+    assert set(adapter.state_dict()) == set(state)
+    hand = StandInAdapter.for_transformer(by_hand.transformer, rank=4)
+    hand.load_state_dict(state)
+    by_hand.set_standin_adapter(hand)
+    for pipe in (loaded, by_hand):
+        pipe.set_progress_bar_config(disable=True)
+    args = call_args(reference_image=reference_image(), preprocess_reference=False, num_inference_steps=2)
+    assert torch.equal(loaded(**args).frames, by_hand(**args).frames)
