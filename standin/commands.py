@@ -291,15 +291,22 @@ def generate_video(pipe, video: dict, args, model: dict, control=None, control_r
     if args.parallel and torch.distributed.get_rank() != 0:
         return None  # every rank computed the same video; rank 0 writes it
     seen = result.reference if isinstance(result.reference, list) else [result.reference] * bool(references)
-    for image, path in zip(seen, reference_paths):
-        save_image(image, path)
-    save_image(contact_sheet(frames), sheet_path)
     record = generation_provenance(base=model["base"], adapter=model["adapter"] if references else None,
                                    adapter_low=model["adapter_low"], seed=video["seed"], prompt=video["prompt"],
                                    steps=video["steps"], guidance=video["guidance"])
-    save_video(frames, output, fps=video["fps"] or pipe.config.default_fps, provenance=record)
-    written = [str(path) for path in reference_paths]
-    return {"video": str(output), "reference": written[0] if written else None, "references": written,
+    written = []
+    try:
+        for image, path in zip(seen, reference_paths):
+            written.append(save_image(image, path))
+        written.append(save_image(contact_sheet(frames), sheet_path))
+        save_video(frames, output, fps=video["fps"] or pipe.config.default_fps, provenance=record)
+    except BaseException:  # no companion files without their video
+        for path in written:
+            Path(path).unlink(missing_ok=True)
+        raise
+    references_written = [str(path) for path in reference_paths]
+    return {"video": str(output), "reference": references_written[0] if references_written else None,
+            "references": references_written,
             "contact_sheet": str(sheet_path), "frames": len(frames),
             "seconds": round(time.perf_counter() - started, 2)}
 

@@ -262,3 +262,16 @@ def test_attention_backend_and_parallel_flags(model_folder, tmp_path, capsys, mo
         if dist.is_initialized():
             dist.destroy_process_group()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["math.mp4", "math.reference.png", "math.sheet.png"]
+
+
+def test_a_video_that_cannot_be_written_leaves_no_companion_files(model_folder, tmp_path, capsys, monkeypatch):
+    import standin.video
+    from standin.video import VideoWriteError
+
+    def full_disk(*args, **kwargs):
+        raise VideoWriteError(28, "out.mp4: writing the video failed (No space left on device)")
+
+    monkeypatch.setattr(standin.video, "save_video", full_disk)
+    assert generate(model_folder, tmp_path / "out.mp4") == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
