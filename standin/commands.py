@@ -386,7 +386,7 @@ def run_generate(args) -> int:
                  "output": output, "steps": steps, "guidance": guidance}
         report = generate_video(pipe, video, args, {"base": base, "adapter": adapter, "adapter_low": adapter_low},
                                 control, control_references)
-    except (OSError, ValueError, NoDefaultModelError, AdapterFileError, LoraFileError) as error:
+    except (OSError, ValueError, AdapterFileError, LoraFileError) as error:  # OSError: NoDefaultModelError too
         return fail(str(error))
     if report is not None:
         print(json.dumps(report))

@@ -21,7 +21,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from standin.cli import fail
-from standin.commands import (VIDEO_SETTINGS, NoDefaultModelError, check_outputs, default_model, flags_problem,
+from standin.commands import (VIDEO_SETTINGS, check_outputs, default_model, flags_problem,
                               generate_video, load_generator, output_paths, parse_loras, setting_problem)
 
 # The value type of each key a line may have: the VIDEO_SETTINGS.
@@ -209,7 +209,7 @@ def run_jobs(args) -> int:
             except (OSError, ValueError) as error:
                 raise JobsFileError(f"{args.jobs} line {job['line']}: {error}") from None
         check_writable(summary)
-    except (OSError, ValueError, NoDefaultModelError) as error:
+    except (OSError, ValueError) as error:  # OSError: NoDefaultModelError too
         return fail(str(error))
 
     import torch

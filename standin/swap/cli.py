@@ -99,7 +99,7 @@ def run_swap(args) -> int:
     if problem:
         return fail(problem)
     from standin.checkpoint import AdapterFileError
-    from standin.commands import NoDefaultModelError, check_outputs, default_model
+    from standin.commands import check_outputs, default_model
     from standin.faces import FaceModelError
     from standin.video import companion_paths
 
@@ -170,7 +170,7 @@ def run_swap(args) -> int:
             save_video(result.pasted, pasted_path, fps=info.fps)
             masks = (np.repeat(result.masks[..., None], 3, axis=3) * 255.0).round().astype(np.uint8)
             save_video(masks, mask_path, fps=info.fps)
-    except (OSError, ValueError, NoDefaultModelError, AdapterFileError, FaceModelError) as error:
+    except (OSError, ValueError, AdapterFileError, FaceModelError) as error:  # OSError: NoDefaultModelError too
         return fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
     print(json.dumps({"video": str(output), "reference": str(reference_path), "contact_sheet": str(sheet_path),
                       "pasted": str(pasted_path) if args.save_intermediate else None,
