@@ -30,28 +30,30 @@ class ValidationCase:
     negative_prompt_embeds: torch.Tensor | None = None
 
 
-def validation_cases(data: str, count: int, reference_size: int,
-                     clip_size: tuple[int, int, int]) -> list[ValidationCase]:
-    """The first `count` clips of a prepared dataset, or of an installed dataset's held-out split (e.g. "mini": the
-    mini world's held-out identities)."""
+def validation_dataset(data: str, count: int, reference_size: int, clip_size: tuple[int, int, int]):
+    """(dataset, n): validation uses the first n clips of a prepared dataset, or of an installed dataset's held-out
+    split (e.g. "mini": the mini world's held-out identities)."""
     if is_named_dataset(data):
         num_frames, height, width = clip_size
-        dataset = named_dataset(data, "test", count, num_frames, height, width, reference_size)
-        items = [dataset[i] for i in range(count)]
-        return [ValidationCase(tensor_to_image(item["reference"]), item["prompt"]) for item in items]
+        return named_dataset(data, "test", count, num_frames, height, width, reference_size), count
     dataset = PreparedDataset(data, reference_size, use_latents=False)
-    return [ValidationCase(dataset.reference_image(i), dataset.clips[i]["caption"])
-            for i in range(min(count, len(dataset)))]
+    return dataset, min(count, len(dataset))
+
+
+def validation_cases(data: str, count: int, reference_size: int,
+                     clip_size: tuple[int, int, int]) -> list[ValidationCase]:
+    """The validation clips' references and prompts (validation_dataset)."""
+    dataset, n = validation_dataset(data, count, reference_size, clip_size)
+    if is_named_dataset(data):
+        items = [dataset[i] for i in range(n)]
+        return [ValidationCase(tensor_to_image(item["reference"]), item["prompt"]) for item in items]
+    return [ValidationCase(dataset.reference_image(i), dataset.clips[i]["caption"]) for i in range(n)]
 
 
 def validation_clips(data: str, count: int, reference_size: int, clip_size: tuple[int, int, int]) -> list[dict]:
-    """The same cases' clips as pixel samples (video, reference, prompt): what an expert run measures its loss on."""
-    if is_named_dataset(data):
-        num_frames, height, width = clip_size
-        dataset = named_dataset(data, "test", count, num_frames, height, width, reference_size)
-        return [dataset[i] for i in range(count)]
-    dataset = PreparedDataset(data, reference_size, use_latents=False)
-    return [dataset[i] for i in range(min(count, len(dataset)))]
+    """The same clips as pixel samples (video, reference, prompt): what an expert run measures its loss on."""
+    dataset, n = validation_dataset(data, count, reference_size, clip_size)
+    return [dataset[i] for i in range(n)]
 
 
 def encode_case_prompts(cases: list[ValidationCase], prompts) -> None:
