@@ -219,16 +219,15 @@ def load_generator(args, base, adapter, adapter_low, loras, loras_low, device, v
         pipe = load_vace_pipeline(base, adapter, adapter_low, device=device, dtype=dtype)
     else:
         pipe = load_pipeline(base, adapter, adapter_low, device=device, dtype=dtype)
-    transformers = [t for t in (pipe.transformer, getattr(pipe, "transformer_2", None)) if t is not None]
     backend = args.attention_backend
     if args.parallel in ("ring", "unified") and backend is None:
         backend = "_native_cudnn"  # PyTorch's cuDNN attention returns the log-sum-exp ring attention merges with
-    if backend is not None:
-        for transformer in transformers:
+    config = context_parallel_config(args.parallel) if args.parallel else None
+    for transformer in pipe._experts().values():
+        if backend is not None:
             transformer.set_attention_backend(backend)
-    if args.parallel:
-        for transformer in transformers:
-            transformer.enable_parallelism(config=context_parallel_config(args.parallel))
+        if config is not None:
+            transformer.enable_parallelism(config=config)
     if loras or loras_low:
         from standin.lora import load_loras
 
