@@ -350,21 +350,20 @@ def run_generate(args) -> int:
                    if not abs(args.control_scale) < float("inf") else None)
         if problem:
             return fail(problem)
-        from standin.vace import ControlVideoError, read_control_video
-
         from standin.preprocess.images import load_image
+        from standin.vace import read_control_video
 
         try:
             size = None if args.height is None else (args.height, args.width)
             control = read_control_video(args.control, num_frames=args.frames, size=size)
             control_references = [load_image(path) for path in args.control_reference or []]
-        except (ControlVideoError, ValueError) as error:
+        except ValueError as error:  # ControlVideoError, ImageLoadError (a missing file too)
             return fail(str(error))
 
     references = args.reference or []
     reference_paths, sheet_path = output_paths(output, len(references))
     try:
-        for reference in references + (args.control_reference or []):
+        for reference in references:
             problem = regular_file_problem(reference, "reference image")
             if problem:
                 raise FileNotFoundError(f"{reference}: {problem}")
