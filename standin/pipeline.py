@@ -329,9 +329,9 @@ class StandInPipeline(WanPipeline):
         batch_guidance: run both guidance branches as one batch (True), one after the other (False), or batched
             until the GPU runs out of memory, then sequential ("auto"). All give the same video.
         reference_guidance: g_ref (None: the base's config.default_reference_guidance, 1 for Wan); 1 is the
-            published sampler. Above 1, a third branch without the reference (one
-            more forward per step, base-model cost) pushes the video towards the identity, as text guidance pushes
-            it towards the prompt (see _velocity). reference_guidance_steps: only in the first N steps (None: all),
+            published sampler. Above 1, a third branch without the reference (one more forward per step,
+            base-model cost) pushes the video towards the identity, as text guidance pushes it towards the prompt
+            (see _velocity). reference_guidance_steps: only in the first N steps (None: all),
             where layout and identity are decided.
         """
         config = self.config
