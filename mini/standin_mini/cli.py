@@ -179,6 +179,9 @@ def train_identity_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="(default: %(default)s)")
     parser.add_argument("--evaluate-only", action="store_true", help="measure the weights at --out, don't train")
+    parser.add_argument("--fit-rules", action="store_true",
+                        help="with --evaluate-only: refit the prompt checker's thresholds to the world as it draws "
+                        "now (after a change of framing), keeping the networks")
 
 
 def prepare_arguments(parser) -> None:

@@ -18,7 +18,7 @@ from standin_mini.prompts import Prompt, parse_prompt, sample_prompt
 from standin_mini.settings import MINI_FPS, MINI_SIZES
 
 HELDOUT_IDENTITIES = 10_000
-MAX_ZOOM = 2.0  # the largest camera zoom of a clip; backgrounds are drawn this much sharper for it
+MAX_ZOOM = 1.8  # the largest camera zoom of a clip; backgrounds are drawn this much sharper for it
 
 
 def identity_split(identity_id: int) -> str:
@@ -68,35 +68,40 @@ class _Track:
 
 
 def _action_track(action: str, num_frames: int, rng: np.random.Generator) -> _Track:
+    # Mid-to-close shots, as in Stand-In's own training data: the face box is about half the frame's height, where
+    # a 64x64 frame through the 8x VAE still keeps the face (the world's identity survives it far better than at
+    # a third of the height). Actions that need room (a waving hand, a jump, a walk, a zoom) frame a little wider.
     t = np.linspace(0, 1, num_frames)
-    x = np.full(num_frames, rng.uniform(0.42, 0.58))
-    y = np.full(num_frames, rng.uniform(0.4, 0.5))
-    scale = np.full(num_frames, rng.uniform(0.3, 0.4))
+    x = np.full(num_frames, rng.uniform(0.44, 0.56))
+    y = np.full(num_frames, rng.uniform(0.42, 0.48))
+    scale = np.full(num_frames, rng.uniform(0.5, 0.6))
     yaw = np.full(num_frames, rng.uniform(-0.15, 0.15))
     pitch = np.full(num_frames, rng.uniform(-0.1, 0.1))
     zoom = np.ones(num_frames)
     wave = None
     if action in ("walk_left", "walk_right"):
         direction = -1 if action == "walk_left" else 1
-        x = rng.uniform(0.46, 0.54) + direction * rng.uniform(0.18, 0.22) * (2 * t - 1)
+        scale = np.full(num_frames, rng.uniform(0.44, 0.5))
+        x = rng.uniform(0.47, 0.53) + direction * rng.uniform(0.155, 0.18) * (2 * t - 1)
         y = y - 0.02 * np.abs(np.sin(2 * np.pi * 2 * t))  # the bounce of the steps
         yaw = np.full(num_frames, 0.35 * direction)  # facing where it goes
     elif action == "jump":
-        y = np.full(num_frames, rng.uniform(0.5, 0.56))
-        scale = np.minimum(scale, 0.34)
-        y = y - rng.uniform(0.16, 0.22) * np.sin(np.pi * np.clip((t - 0.2) / 0.6, 0, 1))
+        y = np.full(num_frames, rng.uniform(0.54, 0.58))
+        scale = np.full(num_frames, rng.uniform(0.42, 0.46))
+        y = y - rng.uniform(0.14, 0.18) * np.sin(np.pi * np.clip((t - 0.2) / 0.6, 0, 1))
     elif action == "nod":
         pitch = pitch + rng.uniform(0.75, 1.0) * (1 - np.cos(2 * np.pi * 2 * t)) / 2  # down and up, twice
     elif action == "turn_head":
         yaw = yaw + rng.choice([-1, 1]) * rng.uniform(0.75, 0.95) * np.sin(2 * np.pi * t)  # one side, then the other
     elif action == "wave":
+        x = np.full(num_frames, rng.uniform(0.34, 0.4))  # room on the right for the hand (up to 1.2 scale away)
+        scale = np.full(num_frames, rng.uniform(0.42, 0.48))
         wave = rng.uniform(0, 2 * np.pi) + 2 * np.pi * rng.uniform(2, 3) * t
     elif action in ("zoom_in", "zoom_out"):
-        x = np.full(num_frames, rng.uniform(0.45, 0.55))
-        y = np.full(num_frames, rng.uniform(0.42, 0.5))
-        scale = np.full(num_frames, rng.uniform(0.2, 0.27))
+        x = np.full(num_frames, rng.uniform(0.46, 0.54))
+        scale = np.full(num_frames, rng.uniform(0.3, 0.34))
         ramp = _smoothstep(t if action == "zoom_in" else 1 - t)
-        zoom = 1 + (rng.uniform(1.7, MAX_ZOOM) - 1) * ramp
+        zoom = 1 + (rng.uniform(1.6, 1.8) - 1) * ramp
     elif action == "stand_still":
         x = x + 0.004 * np.sin(2 * np.pi * t + rng.uniform(0, 6))
     else:
@@ -121,11 +126,11 @@ def action_poses(action: str, num_frames: int, rng: np.random.Generator) -> tupl
     return _posed(track, track.zoom, rng), track.zoom
 
 
-# Two people: each one's single-person motion shrunk by PAIR_SCALE about the frame's bottom (so both stand on the
-# ground, walks and jumps shrinking with them), its horizontal wander by PAIR_SPREAD about its own side's centre,
+# Two people: each one's single-person motion shrunk by PAIR_SCALE about a point low in the frame, PAIR_ANCHOR (a
+# two-shot: both cut at the chest, walks and jumps shrinking with them), its horizontal wander by PAIR_SPREAD about its own side's centre,
 # PAIR_OFFSET from the frame's; the camera actions put them closer (the zoom spreads them) and zoom less. Sized so
 # that the left one's waving hand (2.6 face half-heights to its right) never reaches the right one's shoulder.
-PAIR_SCALE, PAIR_SPREAD, PAIR_OFFSET = 0.6, 0.3, 0.28
+PAIR_SCALE, PAIR_SPREAD, PAIR_OFFSET, PAIR_ANCHOR = 0.6, 0.3, 0.28, 0.8
 PAIR_CAMERA_OFFSET, PAIR_CAMERA_ZOOM = 0.18, 0.6  # the latter: the fraction of the one-person zoom kept
 
 
@@ -140,7 +145,7 @@ def pair_action_poses(action: str, num_frames: int,
     poses = []
     for side, track in zip((-1, 1), tracks):
         track.x = 0.5 + side * offset + (track.x - 0.5) * PAIR_SPREAD
-        track.y = 1 + (track.y - 1) * PAIR_SCALE
+        track.y = PAIR_ANCHOR + (track.y - PAIR_ANCHOR) * PAIR_SCALE
         track.scale = track.scale * PAIR_SCALE
         poses.append(_posed(track, zoom, rng))
     return poses[0], poses[1], zoom

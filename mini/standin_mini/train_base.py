@@ -1,6 +1,7 @@
 """Train the mini base model from scratch on a CPU: the real Wan classes at tiny sizes, on the mini world.
 
     python -m standin_mini.train_base vae --work /tmp/mini_work        # stage 1: frame-wise video VAE
+        [--set init=mini/standin_mini/weights/base/vae --set steps=2400 --set lr=1e-3]  # continue a trained one
     python -m standin_mini.train_base t2v --work /tmp/mini_work        # stage 2: latent cache, text encoder + DiT
         [--device cuda --workers 16 --set steps=20000 --set batch=64 --set clips=20000]   # a longer run on a GPU
     python -m standin_mini.train_base evaluate --work /tmp/mini_work   # sample clips, contact sheet, prompt checks
@@ -47,7 +48,7 @@ from standin.io import atomic_write, save_image, save_text
 from standin_mini import world
 from standin_mini.data import (HELDOUT_IDENTITIES, MiniClipDataset, make_clip, make_reference, split_identity,
                                to_tensor)
-from standin_mini.model import MINI_SHIFT, MINI_SIZES
+from standin_mini.model import MINI_FPS, MINI_REFERENCE_GUIDANCE, MINI_SHIFT, MINI_SIZES
 from standin_mini.prompts import sample_prompt
 from standin_mini.tokenizer import mini_tokenizer
 from standin.pipeline import WAN_NEGATIVE_PROMPT, StandInPipeline, normalize_latents, standin_scheduler
@@ -76,6 +77,7 @@ class VaeConfig:
     stats_clips: int = 128  # clips whose latents set latents_mean / latents_std
     checkpoint_every: int = 50
     seed: int = 0
+    init: str = ""  # a trained frame-wise VAE folder to continue from (e.g. the shipped base's vae/), "" = scratch
 
 
 @dataclass
@@ -250,7 +252,14 @@ def train_vae(work: Path, config: VaeConfig) -> Path:
     if final.exists():
         logger.info("stage vae: already done (%s)", final)
         return final
-    vae = build_vae(config).train()
+    vae = (AutoencoderKLWan.from_pretrained(config.init) if config.init else build_vae(config)).train()
+    if config.init:
+        shape = (vae.config.base_dim, tuple(vae.config.dim_mult), vae.config.z_dim)
+        if shape != (config.base_dim, tuple(config.dim_mult), config.z_dim):
+            raise ValueError(f"{config.init} has base_dim, dim_mult, z_dim {shape}, the config asks "
+                             f"{(config.base_dim, tuple(config.dim_mult), config.z_dim)}")
+        if not past_taps_are_zero(vae):
+            raise ValueError(f"{config.init} is not a frame-wise VAE: its causal convolutions reach past frames")
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=0.0)  # no decay: keep taps exact
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(config.warmup, config.steps))
     eval_frames, eval_references = heldout_frames(config)
@@ -504,6 +513,8 @@ def assemble_pipeline(work: Path) -> StandInPipeline:
         vae=AutoencoderKLWan.from_pretrained(vae_folder).eval(),
         transformer=WanTransformer3DModel.from_pretrained(t2v_folder / "transformer").eval(),
         scheduler=standin_scheduler(MINI_SHIFT), reference_size=REFERENCE_SIZE, sampler_shift=MINI_SHIFT,
+        default_height=FRAME_SIZE[0], default_width=FRAME_SIZE[1], default_num_frames=NUM_FRAMES,
+        default_fps=MINI_FPS, preprocess_reference=False, default_reference_guidance=MINI_REFERENCE_GUIDANCE,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

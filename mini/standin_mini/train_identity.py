@@ -462,17 +462,22 @@ def evaluate(backend: MiniFaceBackend, seed: int = 1, identities: int = 200, cli
 def run(args: argparse.Namespace):
     torch.set_num_threads(1)  # the machine is shared; a data worker renders on the other core
     config = TrainConfig(steps=args.steps, seed=args.seed)
+    if args.fit_rules and not args.evaluate_only:
+        raise SystemExit("--fit-rules goes with --evaluate-only (training always fits the rules)")
     if not args.evaluate_only:
         train(config, args.work, args.out)
+    if not args.evaluate_only or args.fit_rules:
         write_rules(args.out, fit_rules(MiniFaceBackend(args.out)))
     start = time.time()
     backend = MiniFaceBackend(args.out)
     metrics = evaluate(backend)
     info = {"config": asdict(config), "weights_bytes": args.out.stat().st_size, "rules": backend.rules,
             "evaluation_seconds": round(time.time() - start, 1), "metrics": metrics}
-    checkpoint = args.work / "checkpoint.pt"
+    checkpoint, previous = args.work / "checkpoint.pt", args.out.with_suffix(".json")
     if checkpoint.exists():
         info["training_minutes"] = round(torch.load(checkpoint, weights_only=True)["seconds"] / 60, 1)
+    elif args.evaluate_only and previous.exists():  # the networks did not change: nor did their training time
+        info["training_minutes"] = json.loads(previous.read_text()).get("training_minutes")
     args.out.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
     print(json.dumps(metrics, indent=2))
 

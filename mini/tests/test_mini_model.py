@@ -179,6 +179,27 @@ def test_shipped_adapter_uses_the_identity(standin_pipe):
     assert loss["right@0.95"] < loss["base@0.95"] < loss["wrong@0.95"]
 
 
+@pytest.mark.slow
+def test_shipped_adapter_draws_the_identity(standin_pipe):
+    """On held-out identities with held-out prompt combinations, at the mini defaults (20 steps, guidance 5,
+    identity guidance from the base's config), Stand-In's videos are closer to the reference than the base's
+    from the same noise, clip by clip on most clips and by a wide margin on average (MARGIN; the 48-clip gain and
+    its interval are in docs/mini_results.md), and the base draws a face in every frame of every clip."""
+    from standin_mini.evaluate import held_out_cases, measure
+    from standin_mini.identity import MiniFaceBackend
+
+    backend, gains = MiniFaceBackend(), []
+    for index, identity_id, prompt, reference in held_out_cases(CLIPS, standin_pipe.config.reference_size):
+        scores = {}
+        for name, image in (("base", None), ("standin", Image.fromarray(reference))):
+            video = standin_pipe(prompt=str(prompt), reference_image=image, num_inference_steps=20,
+                                 generator=torch.Generator().manual_seed(index)).frames[0]
+            scores[name] = measure((video * 255).round().astype(np.uint8), reference, prompt, backend)
+        assert scores["base"]["face_rate"] == 1.0
+        gains.append(scores["standin"]["face_sim"] - scores["base"]["face_sim"])
+    assert np.mean(gains) > MARGIN and np.mean(np.array(gains) > 0) >= 0.75, gains
+
+
 def test_generate_with_a_shipped_reference_then_measure_it(tmp_path, capsys):
     """The README's first command, then `standin eval` with the mini face model: the CI smoke of both."""
     from standin.cli import main
@@ -260,3 +281,37 @@ def test_stages_resume_exactly(tmp_path, monkeypatch):
     for part, file in (("transformer", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):
         a, b = (load_file(str(work / "t2v" / "final" / part / file)) for work in (whole, resumed))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # The exported folder is a pipeline any caller loads with the mini world's defaults, recorded by the export.
+    out = train_base.export(whole, tmp_path / "exported")
+    config = json.loads((out / "model_index.json").read_text())
+    assert (config["default_height"], config["default_width"], config["default_num_frames"]) == (64, 64, 17)
+    assert config["default_fps"] == model.MINI_FPS and config["sampler_shift"] == model.MINI_SHIFT
+    assert config["default_reference_guidance"] == model.MINI_REFERENCE_GUIDANCE
+    assert config["preprocess_reference"] is False and "Stage 2" in (out / "TRAINING.md").read_text()
+
+
+def test_vae_stage_continues_from_a_trained_vae(tmp_path):
+    """`--set init=FOLDER` starts from a trained frame-wise VAE (its weights, not a fresh init) and keeps it
+    frame-wise; a VAE whose causal kernels reach past frames is refused before any step."""
+    from dataclasses import replace
+
+    source = tmp_path / "source"
+    vae = perturbed_vae()
+    vae.save_pretrained(source)
+    config = replace(TINY_VAE, base_dim=4, dim_mult=(1, 2, 4, 4), steps=1, init=str(source))
+    continued = train_base.train_vae(tmp_path / "work", config)
+    from diffusers import AutoencoderKLWan
+
+    trained = AutoencoderKLWan.from_pretrained(continued)
+    assert train_base.past_taps_are_zero(trained)
+    moved = [(a - b).abs().max().item() for a, b in zip(trained.parameters(), vae.parameters())]
+    assert 0 < max(moved) < 0.05  # one step from the source, not from a fresh initialisation
+
+    with torch.no_grad():
+        train_base.causal_convs(vae)[0].weight[:, :, 0] = 0.1
+    vae.save_pretrained(tmp_path / "not_frame_wise")
+    with pytest.raises(ValueError, match="not a frame-wise VAE"):
+        train_base.train_vae(tmp_path / "work2", replace(config, init=str(tmp_path / "not_frame_wise")))
+    with pytest.raises(ValueError, match="the config asks"):
+        train_base.train_vae(tmp_path / "work3", replace(config, z_dim=8))
