@@ -9,8 +9,8 @@ standin finds it through the `standin.models` entry point `mini` (embedded_model
 
 from standin_mini.settings import MINI_ADAPTER, MINI_FPS, MINI_SIZES, MINI_WEIGHTS, WEIGHTS
 
-__all__ = ["MINI_ADAPTER", "MINI_FPS", "MINI_REFERENCE_GUIDANCE", "MINI_SHIFT", "MINI_SIZES", "MINI_WEIGHTS", "WEIGHTS", "embedded_model",
-           "load_mini_pipeline"]
+__all__ = ["MINI_ADAPTER", "MINI_FPS", "MINI_REFERENCE_GUIDANCE", "MINI_SHIFT", "MINI_SIZES", "MINI_WEIGHTS",
+           "WEIGHTS", "embedded_model", "load_mini_pipeline"]
 
 # The Euler shift the mini base is trained and sampled with (recorded in its model_index.json). Wan's 5 suits its
 # ~30k tokens a clip; at 272 tokens a shift of 5 leaves the low noise levels, where faces get their features,
