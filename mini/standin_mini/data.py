@@ -128,8 +128,9 @@ def action_poses(action: str, num_frames: int, rng: np.random.Generator) -> tupl
 
 # Two people: each one's single-person motion shrunk by PAIR_SCALE about a point low in the frame, PAIR_ANCHOR (a
 # two-shot cut at the chest; walks and jumps shrink with them), its horizontal wander by PAIR_SPREAD about its own
-# side's centre, PAIR_OFFSET from the frame's; the camera actions put them closer (the zoom spreads them) and zoom less. Sized so
-# that the left one's waving hand (2.6 face half-heights to its right) never reaches the right one's shoulder.
+# side's centre, PAIR_OFFSET from the frame's; the camera actions put them closer (the zoom spreads them) and zoom
+# less. Sized so that the left one's waving hand (2.6 face half-heights to its right) never reaches the right
+# one's shoulder.
 PAIR_SCALE, PAIR_SPREAD, PAIR_OFFSET, PAIR_ANCHOR = 0.6, 0.3, 0.28, 0.8
 PAIR_CAMERA_OFFSET, PAIR_CAMERA_ZOOM = 0.18, 0.6  # the latter: the fraction of the one-person zoom kept
 

@@ -255,9 +255,9 @@ def train_vae(work: Path, config: VaeConfig) -> Path:
     vae = (AutoencoderKLWan.from_pretrained(config.init) if config.init else build_vae(config)).train()
     if config.init:
         shape = (vae.config.base_dim, tuple(vae.config.dim_mult), vae.config.z_dim)
-        if shape != (config.base_dim, tuple(config.dim_mult), config.z_dim):
-            raise ValueError(f"{config.init} has base_dim, dim_mult, z_dim {shape}, the config asks "
-                             f"{(config.base_dim, tuple(config.dim_mult), config.z_dim)}")
+        asked = (config.base_dim, tuple(config.dim_mult), config.z_dim)
+        if shape != asked:
+            raise ValueError(f"{config.init} has base_dim, dim_mult, z_dim {shape}, the config asks {asked}")
         if not past_taps_are_zero(vae):
             raise ValueError(f"{config.init} is not a frame-wise VAE: its causal convolutions reach past frames")
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=0.0)  # no decay: keep taps exact

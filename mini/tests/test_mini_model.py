@@ -299,13 +299,13 @@ def test_vae_stage_continues_from_a_trained_vae(tmp_path):
     frame-wise; a VAE whose causal kernels reach past frames is refused before any step."""
     from dataclasses import replace
 
+    from diffusers import AutoencoderKLWan
+
     source = tmp_path / "source"
     vae = perturbed_vae()
     vae.save_pretrained(source)
     config = replace(TINY_VAE, base_dim=4, dim_mult=(1, 2, 4, 4), steps=1, init=str(source))
     continued = train_base.train_vae(tmp_path / "work", config)
-    from diffusers import AutoencoderKLWan
-
     trained = AutoencoderKLWan.from_pretrained(continued)
     assert train_base.past_taps_are_zero(trained)
     moved = [(a - b).abs().max().item() for a, b in zip(trained.parameters(), vae.parameters())]
