@@ -4,6 +4,7 @@
         [--set init=mini/standin_mini/weights/base/vae --set steps=2400 --set lr=1e-3]  # continue a trained one
     python -m standin_mini.train_base t2v --work /tmp/mini_work        # stage 2: latent cache, text encoder + DiT
         [--device cuda --workers 16 --set steps=20000 --set batch=64 --set clips=20000]   # a longer run on a GPU
+        [--set init=mini/standin_mini/weights/base --set steps=6000]  # continue the shipped base, on its own VAE
     python -m standin_mini.train_base evaluate --work /tmp/mini_work   # sample clips, contact sheet, prompt checks
     python -m standin_mini.train_base export --work /tmp/mini_work --out mini/standin_mini/weights/base
 
@@ -101,6 +102,7 @@ class T2VConfig:
     prompt_dropout: float = 0.1  # the unconditional branch of classifier-free guidance
     checkpoint_every: int = 100
     seed: int = 0
+    init: str = ""  # an exported mini base folder to continue from (e.g. the shipped one), "" = scratch
 
 
 def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
@@ -317,6 +319,33 @@ def build_transformer(config: T2VConfig) -> WanTransformer3DModel:
     )
 
 
+def trained_t2v(config: T2VConfig, vocab_size: int) -> tuple[UMT5EncoderModel, WanTransformer3DModel]:
+    """The text encoder and transformer of the exported base config.init, checked against the config's sizes
+    (a continued run must be the model the config describes, or its record would be wrong)."""
+    text_encoder = UMT5EncoderModel.from_pretrained(Path(config.init) / "text_encoder")
+    transformer = WanTransformer3DModel.from_pretrained(Path(config.init) / "transformer")
+    found = (text_encoder.config.vocab_size, text_encoder.config.d_model, text_encoder.config.num_layers,
+             transformer.config.num_attention_heads, transformer.config.attention_head_dim,
+             transformer.config.num_layers, transformer.config.ffn_dim, transformer.config.freq_dim)
+    asked = (vocab_size, config.text_dim, config.text_layers, config.heads, config.head_dim, config.layers,
+             config.ffn_dim, config.freq_dim)
+    if found != asked:
+        raise ValueError(f"{config.init} has (vocabulary, text_dim, text_layers, heads, head_dim, layers, ffn_dim, "
+                         f"freq_dim) {found}, the config asks {asked}")
+    return text_encoder, transformer
+
+
+def adopt_vae(source: Path, vae_folder: Path) -> None:
+    """A continued base keeps its own VAE: the latents it was trained on. Copied into the work folder, or, when
+    the work folder already has one, the same weights."""
+    weights = "diffusion_pytorch_model.safetensors"
+    if not vae_folder.exists():
+        save_folder(vae_folder, lambda folder: shutil.copytree(source, folder))
+    elif (vae_folder / weights).read_bytes() != (source / weights).read_bytes():
+        raise ValueError(f"{vae_folder} is not the VAE of {source.parent}, which the transformer was trained on: "
+                         "use a new work folder to continue that base")
+
+
 def encode_prompts(tokenizer, text_encoder: UMT5EncoderModel, prompts: list[str],
                    max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> torch.Tensor:
     """Prompt embeddings as WanPipeline makes them (each prompt's tokens, then zeros up to max_sequence_length),
@@ -394,17 +423,20 @@ def train_t2v(work: Path, config: T2VConfig, device="cpu", workers: int = 1) -> 
         logger.info("stage t2v: already done (%s)", final)
         return final
     vae_folder = work / "vae" / "final"
+    if config.init:
+        adopt_vae(Path(config.init) / "vae", vae_folder)
     if not vae_folder.exists():
         raise FileNotFoundError(f"no trained VAE in {vae_folder}: run the vae stage first")
+    tokenizer = mini_tokenizer()
+    text_encoder, transformer = (trained_t2v(config, len(tokenizer)) if config.init else
+                                 (build_text_encoder(config, len(tokenizer)), build_transformer(config)))
+    text_encoder, transformer = text_encoder.train().to(device), transformer.train().to(device)
+
     vae = AutoencoderKLWan.from_pretrained(vae_folder).eval().to(device)
     latents, prompts, cache_seconds = build_cache(work, vae, config, workers)
     del vae
     logger.info("cache: %d clips, latents %s, encoded in %.0f s", len(latents), tuple(latents.shape[1:]),
                 cache_seconds)
-
-    tokenizer = mini_tokenizer()
-    text_encoder = build_text_encoder(config, len(tokenizer)).train().to(device)
-    transformer = build_transformer(config).train().to(device)
     parameters = [*text_encoder.parameters(), *transformer.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(

@@ -179,28 +179,30 @@ def test_shipped_adapter_uses_the_identity(standin_pipe):
     assert loss["right@0.95"] < loss["base@0.95"] < loss["wrong@0.95"]
 
 
-CLIPS, MARGIN = 8, 0.1  # provisional: to be set from the 48-clip evaluation of the v2 weights
+# On the first 16 of the 48 evaluation clips the shipped weights gain +0.124 (15 clips with a face in both, 12 of
+# them positive); on all 48, +0.096 +- 0.043 (docs/mini_results.md, row "g_ref 3"). The bounds sit about one
+# 16-clip standard error below what was measured: a change that halves the gain fails.
+CLIPS, MIN_GAIN, MIN_POSITIVE = 16, 0.05, 0.65
 
 
 @pytest.mark.slow
 def test_shipped_adapter_draws_the_identity(standin_pipe):
     """On held-out identities with held-out prompt combinations, at the mini defaults (20 steps, guidance 5,
     identity guidance from the base's config), Stand-In's videos are closer to the reference than the base's
-    from the same noise, clip by clip on most clips and by a wide margin on average (MARGIN; the 48-clip gain and
-    its interval are in docs/mini_results.md), and the base draws a face in every frame of every clip."""
+    from the same noise: on average by MIN_GAIN and on most clips (the clips where both videos show a face)."""
     from standin_mini.evaluate import held_out_cases, measure
     from standin_mini.identity import MiniFaceBackend
 
-    backend, gains = MiniFaceBackend(), []
+    backend, rows = MiniFaceBackend(), {"base": [], "standin": []}
     for index, identity_id, prompt, reference in held_out_cases(CLIPS, standin_pipe.config.reference_size):
-        scores = {}
         for name, image in (("base", None), ("standin", Image.fromarray(reference))):
             video = standin_pipe(prompt=str(prompt), reference_image=image, num_inference_steps=20,
                                  generator=torch.Generator().manual_seed(index)).frames[0]
-            scores[name] = measure((video * 255).round().astype(np.uint8), reference, prompt, backend)
-        assert scores["base"]["face_rate"] == 1.0
-        gains.append(scores["standin"]["face_sim"] - scores["base"]["face_sim"])
-    assert np.mean(gains) > MARGIN and np.mean(np.array(gains) > 0) >= 0.75, gains
+            rows[name].append(measure((video * 255).round().astype(np.uint8), reference, prompt, backend))
+    gains = [s["face_sim"] - b["face_sim"] for s, b in zip(rows["standin"], rows["base"])
+             if s["face_sim"] is not None and b["face_sim"] is not None]
+    assert len(gains) >= CLIPS - 2, gains
+    assert np.mean(gains) > MIN_GAIN and np.mean(np.array(gains) > 0) >= MIN_POSITIVE, gains
 
 
 def test_generate_with_a_shipped_reference_then_measure_it(tmp_path, capsys):
@@ -318,3 +320,27 @@ def test_vae_stage_continues_from_a_trained_vae(tmp_path):
         train_base.train_vae(tmp_path / "work2", replace(config, init=str(tmp_path / "not_frame_wise")))
     with pytest.raises(ValueError, match="the config asks"):
         train_base.train_vae(tmp_path / "work3", replace(config, z_dim=8))
+
+
+def test_t2v_stage_continues_from_an_exported_base(tmp_path):
+    """`--set init=BASE` continues an exported base's text encoder and transformer (a step from their weights, not
+    a fresh init) on that base's own VAE; another size, or a work folder with another VAE, is refused."""
+    from dataclasses import replace
+
+    train_base.train_vae(tmp_path / "first", TINY_VAE)
+    train_base.train_t2v(tmp_path / "first", TINY_T2V)
+    source = train_base.export(tmp_path / "first", tmp_path / "base")
+    config = replace(TINY_T2V, steps=1, init=str(source))
+    continued = train_base.train_t2v(tmp_path / "second", config)
+    vae_weights = "vae/final/diffusion_pytorch_model.safetensors"
+    assert (tmp_path / "second" / vae_weights).read_bytes() == (tmp_path / "first" / vae_weights).read_bytes()
+    for part, file in (("transformer", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):
+        before, after = load_file(str(source / part / file)), load_file(str(continued / part / file))
+        moved = [(after[k] - before[k]).abs().max().item() for k in before]
+        assert 0 < max(moved) < 0.05, part  # one step from the exported weights
+
+    with pytest.raises(ValueError, match="the config asks"):
+        train_base.train_t2v(tmp_path / "third", replace(config, layers=2))
+    train_base.train_vae(tmp_path / "other_vae", replace(TINY_VAE, seed=1))
+    with pytest.raises(ValueError, match="is not the VAE of"):
+        train_base.train_t2v(tmp_path / "other_vae", config)
