@@ -74,6 +74,9 @@ def main(path: str, kind: str) -> None:
     if kind == "none" or dist.get_rank() == 0:
         torch.save(result, path)
     if kind != "none":
+        # Every rank leaves together: one tearing gloo down while a peer is still in a collective or saving
+        # aborted a 4-process run once on busy cores ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
 
 
