@@ -29,6 +29,7 @@ import functools
 import json
 import logging
 import math
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, fields
@@ -609,6 +610,19 @@ def _markdown(title: str, metrics: dict) -> list[str]:
     return lines
 
 
+def _continued_record(work: Path) -> list[str]:
+    """A continued base's record ends with the record of the base it continued (its VAE and earlier steps), one
+    heading level down, so the exported folder tells its whole training."""
+    path = work / "t2v" / "metrics.json"
+    init = json.loads(path.read_text())["config"].get("init") if path.exists() else None
+    record = Path(init) / "TRAINING.md" if init else None
+    if record is None or not record.exists():
+        return []
+    body = record.read_text().split("\n", 1)[1]  # without its title
+    body = re.sub(r"^(#+) ", r"\1# ", body, flags=re.MULTILINE)
+    return [f"## The base this run continued ({init})", "", body.strip(), ""]
+
+
 def export(work: Path, out: Path) -> Path:
     """Save the trained pipeline as a diffusers folder (safetensors) with TRAINING.md beside its configs."""
     pipe = assemble_pipeline(work)
@@ -627,6 +641,7 @@ def export(work: Path, out: Path) -> Path:
         path = work / name / "metrics.json"
         if path.exists():
             lines += _markdown(title, json.loads(path.read_text()))
+    lines += _continued_record(work)
     save_text("\n".join(lines), out / "TRAINING.md")
     logger.info("export: %s (%.1f MiB)", out, size / 2**20)
     return out

@@ -324,7 +324,8 @@ def test_vae_stage_continues_from_a_trained_vae(tmp_path):
 
 def test_t2v_stage_continues_from_an_exported_base(tmp_path):
     """`--set init=BASE` continues an exported base's text encoder and transformer (a step from their weights, not
-    a fresh init) on that base's own VAE; another size, or a work folder with another VAE, is refused."""
+    a fresh init) on that base's own VAE, and its export records both runs; another size, or a work folder with another
+    VAE, is refused."""
     from dataclasses import replace
 
     train_base.train_vae(tmp_path / "first", TINY_VAE)
@@ -338,6 +339,10 @@ def test_t2v_stage_continues_from_an_exported_base(tmp_path):
         before, after = load_file(str(source / part / file)), load_file(str(continued / part / file))
         moved = [(after[k] - before[k]).abs().max().item() for k in before]
         assert 0 < max(moved) < 0.05, part  # one step from the exported weights
+    # its record tells the whole training: this run's steps, then the continued base's (VAE included)
+    record = (train_base.export(tmp_path / "second", tmp_path / "base2") / "TRAINING.md").read_text()
+    assert record.index("## Stage 2") < record.index(f"## The base this run continued ({source})")
+    assert record.index(f"## The base this run continued ({source})") < record.index("### Stage 1: frame-wise VAE")
 
     with pytest.raises(ValueError, match="the config asks"):
         train_base.train_t2v(tmp_path / "third", replace(config, layers=2))
