@@ -179,10 +179,10 @@ def test_shipped_adapter_uses_the_identity(standin_pipe):
     assert loss["right@0.95"] < loss["base@0.95"] < loss["wrong@0.95"]
 
 
-# On the first 16 of the 48 evaluation clips the shipped weights gain +0.124 (15 clips with a face in both, 12 of
-# them positive); on all 48, +0.096 +- 0.043 (docs/mini_results.md, row "g_ref 3"). The bounds sit about one
-# 16-clip standard error below what was measured: a change that halves the gain fails.
-CLIPS, MIN_GAIN, MIN_POSITIVE = 16, 0.05, 0.65
+# On the first 16 of the 48 evaluation clips the shipped (v3) weights gain +0.177 (14 clips with a face in both, 13
+# of them positive); on all 48, +0.184 +- 0.054 (docs/mini_results.md, row "g_ref 3"). The bounds sit about two
+# 16-clip standard errors (0.039) below what was measured: a change that halves the gain fails.
+CLIPS, MIN_FACES, MIN_GAIN, MIN_POSITIVE = 16, 13, 0.10, 0.75
 
 
 @pytest.mark.slow
@@ -201,7 +201,7 @@ def test_shipped_adapter_draws_the_identity(standin_pipe):
             rows[name].append(measure((video * 255).round().astype(np.uint8), reference, prompt, backend))
     gains = [s["face_sim"] - b["face_sim"] for s, b in zip(rows["standin"], rows["base"])
              if s["face_sim"] is not None and b["face_sim"] is not None]
-    assert len(gains) >= CLIPS - 2, gains
+    assert len(gains) >= MIN_FACES, gains
     assert np.mean(gains) > MIN_GAIN and np.mean(np.array(gains) > 0) >= MIN_POSITIVE, gains
 
 
