@@ -26,6 +26,7 @@ leaves its result in WORK/<stage>/final and is not run again; delete WORK to sta
 import argparse
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -336,6 +337,20 @@ def trained_t2v(config: T2VConfig, vocab_size: int) -> tuple[UMT5EncoderModel, W
     return text_encoder, transformer
 
 
+def keep_init_record(init: Path, stage: Path) -> None:
+    """Copy the continued base's TRAINING.md into the stage folder, headed by a digest of its transformer: export
+    often overwrites the very folder this run continued (the shipped base), and a path alone would then name the
+    new weights. A resumed run keeps the copy its start took."""
+    kept = stage / "continued_TRAINING.md"
+    if kept.exists():
+        return
+    digest = hashlib.sha256((init / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
+    record = init / "TRAINING.md"
+    body = record.read_text().split("\n", 1)[1].strip() if record.exists() else "(it has no TRAINING.md)"
+    stage.mkdir(parents=True, exist_ok=True)
+    save_text(f"{init}, transformer sha256 {digest[:16]}\n{body}\n", kept)
+
+
 def adopt_vae(source: Path, vae_folder: Path) -> None:
     """A continued base keeps its own VAE: the latents it was trained on. Copied into the work folder, or, when
     the work folder already has one, the same weights."""
@@ -426,6 +441,7 @@ def train_t2v(work: Path, config: T2VConfig, device="cpu", workers: int = 1) -> 
     vae_folder = work / "vae" / "final"
     if config.init:
         adopt_vae(Path(config.init) / "vae", vae_folder)
+        keep_init_record(Path(config.init), stage)
     if not vae_folder.exists():
         raise FileNotFoundError(f"no trained VAE in {vae_folder}: run the vae stage first")
     tokenizer = mini_tokenizer()
@@ -613,14 +629,12 @@ def _markdown(title: str, metrics: dict) -> list[str]:
 def _continued_record(work: Path) -> list[str]:
     """A continued base's record ends with the record of the base it continued (its VAE and earlier steps), one
     heading level down, so the exported folder tells its whole training."""
-    path = work / "t2v" / "metrics.json"
-    init = json.loads(path.read_text())["config"].get("init") if path.exists() else None
-    record = Path(init) / "TRAINING.md" if init else None
-    if record is None or not record.exists():
+    kept = work / "t2v" / "continued_TRAINING.md"
+    if not kept.exists():
         return []
-    body = record.read_text().split("\n", 1)[1]  # without its title
+    source, body = kept.read_text().split("\n", 1)
     body = re.sub(r"^(#+) ", r"\1# ", body, flags=re.MULTILINE)
-    return [f"## The base this run continued ({init})", "", body.strip(), ""]
+    return [f"## The base this run continued ({source})", "", body.strip(), ""]
 
 
 def export(work: Path, out: Path) -> Path:

@@ -1,5 +1,6 @@
 """The mini base model: its frame-wise VAE, its tokenizer, the shipped pipeline, and resumable training."""
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -339,10 +340,12 @@ def test_t2v_stage_continues_from_an_exported_base(tmp_path):
         before, after = load_file(str(source / part / file)), load_file(str(continued / part / file))
         moved = [(after[k] - before[k]).abs().max().item() for k in before]
         assert 0 < max(moved) < 0.05, part  # one step from the exported weights
-    # its record tells the whole training: this run's steps, then the continued base's (VAE included)
-    record = (train_base.export(tmp_path / "second", tmp_path / "base2") / "TRAINING.md").read_text()
-    assert record.index("## Stage 2") < record.index(f"## The base this run continued ({source})")
-    assert record.index(f"## The base this run continued ({source})") < record.index("### Stage 1: frame-wise VAE")
+    # its record tells the whole training: this run's steps, then the continued base's (VAE included), named by
+    # path and by a digest of the weights it had, even when the export replaces that very folder
+    digest = hashlib.sha256((source / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
+    record = (train_base.export(tmp_path / "second", source) / "TRAINING.md").read_text()
+    heading = f"## The base this run continued ({source}, transformer sha256 {digest[:16]})"
+    assert record.index("## Stage 2") < record.index(heading) < record.index("### Stage 1: frame-wise VAE")
 
     with pytest.raises(ValueError, match="the config asks"):
         train_base.train_t2v(tmp_path / "third", replace(config, layers=2))
