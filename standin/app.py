@@ -295,7 +295,8 @@ def build_app(model: LoadedModel, output_dir: Path):
                                       elem_id="negative")
                 with gr.Row():
                     steps = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id="steps")
-                    guidance = gr.Slider(0, 15, value=5.0, step=0.5, label="Guidance", elem_id="guidance")
+                    guidance = gr.Slider(0, 15, value=model.config.default_guidance_scale, step=0.5,
+                                         label="Guidance", elem_id="guidance")
                 with gr.Row():
                     random_seed = gr.Checkbox(value=True, label="Random seed", elem_id="random-seed")
                     seed = gr.Number(value=0, precision=0, label="Seed (the one used is shown here)",

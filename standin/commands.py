@@ -54,10 +54,11 @@ def add_parser(subparsers) -> None:
     generate.add_argument("--height", type=int, help="video height in pixels (default: the base's)")
     generate.add_argument("--width", type=int, help="video width in pixels (default: the base's)")
     generate.add_argument("--frames", type=int, help="number of frames, 4k+1 for Wan (default: the base's)")
-    generate.add_argument("--steps", type=int, default=GENERATE_DEFAULTS["steps"],
+    generate.add_argument("--steps", type=int, default=DEFAULT_STEPS,
                           help="denoising steps (default: %(default)s)")
-    generate.add_argument("--guidance", type=float, default=GENERATE_DEFAULTS["guidance"],
-                          help="text guidance scale; 1 turns guidance off (default: %(default)s)")
+    generate.add_argument("--guidance", type=float,
+                          help="text guidance scale; 1 turns guidance off (default: the base's, 5 for Wan, 2 for "
+                          "the mini model)")
     generate.add_argument("--seed", type=int, default=0, help="random seed of the initial noise (default: %(default)s)")
     generate.add_argument("--fps", type=int, help="playback rate of the video (default: the base's)")
     generate.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
@@ -75,7 +76,8 @@ def add_parser(subparsers) -> None:
                           help="Wan2.2 only: a LoRA for the low-noise expert; repeatable")
     generate.add_argument("--preset", choices=("lightx2v",),
                           help="sampler settings of a few-step distillation LoRA: lightx2v = 4 steps, guidance 1, "
-                          "shift 5 (lightx2v's distill configs); a --steps / --guidance other than the default wins")
+                          "shift 5 (lightx2v's distill configs); a --guidance given, or --steps other than the "
+                          "default, wins")
     generate.add_argument("--control", metavar="VIDEO",
                           help="pose / depth control video for a Wan VACE --base (e.g. Wan2.1-VACE-14B-diffusers; "
                           "`standin control VIDEO --pose` makes one from an ordinary video): its frames, trimmed to "
@@ -105,7 +107,7 @@ def add_parser(subparsers) -> None:
     converter.set_defaults(func=run_convert)
 
 
-GENERATE_DEFAULTS = {"steps": 20, "guidance": 5.0}  # what --preset replaces when they are not given
+DEFAULT_STEPS = 20  # what --preset replaces when --steps is not given
 
 
 class NoDefaultModelError(FileNotFoundError):
@@ -206,7 +208,7 @@ def output_paths(output: Path, references: int) -> tuple[list[Path], Path]:
 
 def load_generator(args, base, adapter, adapter_low, loras, loras_low, device, vace: bool = False):
     """The pipeline of a run on `device`, with --parallel, the LoRAs and --preset applied; and the (steps,
-    guidance) every video of the run defaults to."""
+    guidance) every video of the run defaults to: the flags, else the preset's, else the base's guidance."""
     import torch
 
     from standin.loading import load_pipeline
@@ -240,11 +242,13 @@ def load_generator(args, base, adapter, adapter_low, loras, loras_low, device, v
         from standin.lora import apply_preset
 
         settings = apply_preset(pipe, args.preset)
-        # The preset's values unless given on the command line (a value other than the parser's default).
-        if steps == GENERATE_DEFAULTS["steps"]:
+        # The preset's values unless given on the command line (--steps other than its default, any --guidance).
+        if steps == DEFAULT_STEPS:
             steps = settings["num_inference_steps"]
-        if guidance == GENERATE_DEFAULTS["guidance"]:
+        if guidance is None:
             guidance = settings["guidance_scale"]
+    if guidance is None:  # a VACE pipeline records none: Wan's
+        guidance = float(pipe.config.get("default_guidance_scale", 5.0))
     return pipe, steps, guidance
 
 

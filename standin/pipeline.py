@@ -167,20 +167,21 @@ class StandInPipeline(WanPipeline):
                  reference_size: int = REFERENCE_SIZE, sampler_shift: float = SAMPLER_SHIFT,
                  default_height: int = 480, default_width: int = 832, default_num_frames: int = 81,
                  default_fps: int = 25, preprocess_reference: bool = True,
-                 default_reference_guidance: float = 1.0):
+                 default_reference_guidance: float = 1.0, default_guidance_scale: float = 5.0):
         super().__init__(tokenizer, text_encoder, vae, scheduler, transformer, transformer_2, boundary_ratio,
                          expand_timesteps)
         # What a base was made for, saved in its model_index.json so that every caller follows the base:
         # sampler_shift, the Euler shift it was trained with (5 for Wan; the mini model, at 272 tokens a clip, a
         # lower one); the video size and playback rate generated when none is asked for (Wan: 832x480, 81
         # frames, 25 fps); whether references are face-cropped first (the mini world draws them cropped); the
-        # identity guidance g_ref used when none is asked for (1, the published sampler, for Wan; where a base's
-        # own measurement on held-out identities found a better one, that one: the mini model's is 3).
+        # text and identity guidance used when none is asked for (Wan: 5 and 1, the published sampler; where a
+        # base's own measurement on held-out identities found better ones, those: the mini model's are 2 and 4).
         self.register_to_config(reference_size=reference_size, sampler_shift=sampler_shift,
                                 default_height=default_height, default_width=default_width,
                                 default_num_frames=default_num_frames, default_fps=default_fps,
                                 preprocess_reference=preprocess_reference,
-                                default_reference_guidance=default_reference_guidance)
+                                default_reference_guidance=default_reference_guidance,
+                                default_guidance_scale=default_guidance_scale)
         # Stand-In weights, one per expert; not pipeline components, so save_pretrained keeps the base untouched.
         self.adapters: dict[str, StandInAdapter] = {}
 
@@ -299,7 +300,7 @@ class StandInPipeline(WanPipeline):
         width: int | None = None,
         num_frames: int | None = None,
         num_inference_steps: int = 20,
-        guidance_scale: float = 5.0,
+        guidance_scale: float | None = None,
         guidance_scale_2: float | None = None,
         num_videos_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -323,7 +324,8 @@ class StandInPipeline(WanPipeline):
         reference_image: PIL image, array or path; a list of them puts several identities in one video (zero-shot,
             the published multi-identity scheme: which person lands where is left to the prompt); None generates
             exactly what the base Wan model would.
-        height, width, num_frames, preprocess_reference: None takes the base's own (config.default_height, ...).
+        height, width, num_frames, preprocess_reference, guidance_scale: None takes the base's own
+            (config.default_height, ..., config.default_guidance_scale: 5 for Wan).
         cache_reference: compute the reference keys/values once (exact); False recomputes them in every forward,
             as the official implementation does (for comparison and benchmarks).
         batch_guidance: run both guidance branches as one batch (True), one after the other (False), or batched
@@ -338,6 +340,8 @@ class StandInPipeline(WanPipeline):
         height = config.default_height if height is None else height
         width = config.default_width if width is None else width
         num_frames = config.default_num_frames if num_frames is None else num_frames
+        if guidance_scale is None:
+            guidance_scale = config.default_guidance_scale
         if preprocess_reference is None:
             preprocess_reference = config.preprocess_reference
         experts = self._experts()

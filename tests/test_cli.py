@@ -144,7 +144,7 @@ def test_sizes_fps_and_preprocessing_come_from_the_base(tmp_path, capsys):
 
     pipe = tiny_pipeline()
     pipe.register_to_config(default_height=16, default_width=32, default_num_frames=9, default_fps=5,
-                            preprocess_reference=False, default_reference_guidance=2.0)
+                            preprocess_reference=False, default_reference_guidance=2.0, default_guidance_scale=3.0)
     pipe.save_pretrained(tmp_path / "base")
     save_adapter(pipe.adapters["transformer"], tmp_path / "adapter.safetensors")
     pixels = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
@@ -165,6 +165,11 @@ def test_sizes_fps_and_preprocessing_come_from_the_base(tmp_path, capsys):
         assert main(common + ["-o", str(tmp_path / name), "--reference-guidance", g_ref]) == 0
     assert np.array_equal(read_video(tmp_path / "a.mp4"), read_video(tmp_path / "g2.mp4"))
     assert not np.array_equal(read_video(tmp_path / "a.mp4"), read_video(tmp_path / "g1.mp4"))
+    # text guidance likewise: the base's 3 unless asked (Wan's 5 differs)
+    for name, scale in (("t3.mp4", "3"), ("t5.mp4", "5")):
+        assert main(common + ["-o", str(tmp_path / name), "--guidance", scale]) == 0
+    assert np.array_equal(read_video(tmp_path / "a.mp4"), read_video(tmp_path / "t3.mp4"))
+    assert not np.array_equal(read_video(tmp_path / "a.mp4"), read_video(tmp_path / "t5.mp4"))
     assert main(common + ["-o", str(tmp_path / "b.mp4"), "--height", "32", "--frames", "5", "--fps", "7"]) == 0
     with imageio.get_reader(tmp_path / "b.mp4") as reader:
         assert reader.get_meta_data()["fps"] == 7

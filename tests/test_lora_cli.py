@@ -65,6 +65,9 @@ def test_preset_runs_four_steps(model_folder, tmp_path, capsys, monkeypatch):
     assert seen == {"steps": 4, "guidance": 1.0, "shift": 5.0}
     assert main(["generate", *args, "--steps", "3", "-o", str(tmp_path / "three.mp4")]) == 0
     assert seen["steps"] == 3 and seen["guidance"] == 1.0
+    # a --guidance given wins even where it is the base's own (5 for Wan)
+    assert main(["generate", *args, "--guidance", "5", "-o", str(tmp_path / "guided.mp4")]) == 0
+    assert seen == {"steps": 4, "guidance": 5.0, "shift": 5.0}
 
 
 @pytest.mark.parametrize("lora, message", [

@@ -97,12 +97,13 @@ def test_cache_is_released_when_a_generation_fails(pipe):
 
 def test_defaults_are_the_published_ones():
     parameters = inspect.signature(StandInPipeline.__call__).parameters
-    defaults = {name: parameters[name].default for name in ("num_inference_steps", "guidance_scale")}
-    assert defaults == dict(num_inference_steps=20, guidance_scale=5.0)
-    # Sizes and playback rate follow the base's config; a Wan folder (which records none) gets the published ones.
+    assert parameters["num_inference_steps"].default == 20
+    # Sizes, playback rate and guidance follow the base's config; a Wan folder (which records none) gets the
+    # published ones.
     config = tiny_pipeline().config
     assert (config.default_height, config.default_width, config.default_num_frames, config.default_fps) == (
         480, 832, 81, 25)
+    assert (config.default_guidance_scale, config.default_reference_guidance) == (5.0, 1.0)
     assert parameters["negative_prompt"].default.startswith("色调艳丽")
     scheduler = standin_scheduler()
     scheduler.set_timesteps(sigmas=standin_sigmas(20).tolist())
@@ -252,7 +253,7 @@ def test_reference_guidance_1_is_the_published_sampler_and_0_steps_too(pipe):
 
 
 def test_reference_guidance_defaults_to_the_base_s_own(pipe):
-    # Wan's default is the published sampler (g_ref 1, above); a base may record another (the mini model: 3).
+    # Wan's default is the published sampler (g_ref 1, above); a base may record another (the mini model: 4).
     reference = reference_image()
     asked = run(pipe, reference, negative_prompt="blurry", reference_guidance=2.0, reference_guidance_steps=1)
     pipe.register_to_config(default_reference_guidance=2.0)
@@ -260,6 +261,18 @@ def test_reference_guidance_defaults_to_the_base_s_own(pipe):
         assert torch.equal(run(pipe, reference, negative_prompt="blurry", reference_guidance_steps=1), asked)
     finally:
         pipe.register_to_config(default_reference_guidance=1.0)
+
+
+def test_text_guidance_defaults_to_the_base_s_own(pipe):
+    # Wan's is 5 (above); a base may record another (the mini model: 2).
+    reference = reference_image()
+    asked = run(pipe, reference, negative_prompt="blurry", guidance_scale=2.0)
+    assert not torch.equal(asked, run(pipe, reference, negative_prompt="blurry"))
+    pipe.register_to_config(default_guidance_scale=2.0)
+    try:
+        assert torch.equal(run(pipe, reference, negative_prompt="blurry"), asked)
+    finally:
+        pipe.register_to_config(default_guidance_scale=5.0)
 
 
 @torch.no_grad()

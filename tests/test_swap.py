@@ -193,6 +193,26 @@ def test_strength_one_is_a_plain_generation_from_the_same_noise(swap_pipe):
     assert torch.equal(swapped, plain)
 
 
+def test_text_guidance_defaults_to_the_base_s_own(swap_pipe):
+    """`standin swap` passes no --guidance unless given: the swap then guides as the base's config says (2 for the
+    mini model, 5 for Wan), like generation."""
+    video, masks = tiny_video()
+    ref = PIL.Image.fromarray(reference_image())
+    noise = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(3))
+    call = {key: value for key, value in CALL.items() if key != "guidance_scale"}
+
+    def swap(**guidance):
+        return swap_pipe.swap(video, masks, ref, strength=0.85, noise=noise, output_type="latent", **call,
+                              **guidance).frames
+
+    swap_pipe.register_to_config(default_guidance_scale=3.0)
+    try:
+        assert torch.equal(swap(), swap(guidance_scale=3.0))
+        assert not torch.equal(swap(), swap(guidance_scale=5.0))
+    finally:
+        swap_pipe.register_to_config(default_guidance_scale=5.0)
+
+
 def test_starting_latents_are_the_video_noised_to_the_first_sigma(swap_pipe, monkeypatch):
     video, masks = tiny_video()
     noise = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(4))
@@ -338,6 +358,7 @@ def test_bad_inputs_give_one_line_and_write_nothing(tmp_path, capsys):
         ((tmp_path / "missing.mp4", "--reference", reference), "no such video file"),
         ((blank, "--reference", white), "no face found in the reference"),
         ((blank, "--reference", reference, "--strength", "1.5"), "--strength"),
+        ((blank, "--reference", reference, "--guidance", "nan"), "--guidance"),
         ((blank, "--reference", reference, "--base", tmp_path), "--adapter"),
     ]
     for argv, message in cases:

@@ -188,11 +188,14 @@ def guided_name(scale: float, steps: int | None) -> str:
 
 
 def evaluate(base, adapters: dict[str, str], count: int, out: str, steps: int = 20, seed: int = 0,
-             size=(17, 64, 64), examples: int = 3, reference_clips: int = 48, guidance: float = 5.0,
+             size=(17, 64, 64), examples: int = 3, reference_clips: int = 48, guidance: float | None = None,
              reference_guidance: list[tuple[float, int | None]] = ()) -> dict:
-    """reference_guidance: (g_ref, steps or None) settings, each a row of the "standin" adapter with that identity
-    guidance (StandInPipeline's reference_guidance / reference_guidance_steps)."""
+    """guidance: text guidance (None: the base's default_guidance_scale). reference_guidance: (g_ref, steps or
+    None) settings, each a row of the "standin" adapter with that identity guidance (StandInPipeline's
+    reference_guidance / reference_guidance_steps); the other adapter rows use g_ref 1, the published sampler."""
     pipe = load_pipeline(base, device="cpu")
+    if guidance is None:
+        guidance = pipe.config.default_guidance_scale
     pipe.set_progress_bar_config(disable=True)
     loaded = {name: load_adapter(path, pipe.transformer) for name, path in adapters.items()}
     guided = {guided_name(*setting): setting for setting in reference_guidance}
@@ -250,7 +253,7 @@ def main(argv=None) -> int:
                         help="standin=..., vanilla=..., shared=... (the table's rows b-d), or any other name")
     parser.add_argument("--count", type=int, default=24, help="held-out (identity, prompt) pairs")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=5.0, help="text guidance scale (1: none)")
+    parser.add_argument("--guidance", type=float, help="text guidance scale (1: none; default: the base's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reference-clips", type=int, default=48,
                         help="held-out clips for the reference-use losses (0: skip)")

@@ -9,16 +9,19 @@ standin finds it through the `standin.models` entry point `mini` (embedded_model
 
 from standin_mini.settings import MINI_ADAPTER, MINI_FPS, MINI_SIZES, MINI_WEIGHTS, WEIGHTS
 
-__all__ = ["MINI_ADAPTER", "MINI_FPS", "MINI_REFERENCE_GUIDANCE", "MINI_SHIFT", "MINI_SIZES", "MINI_WEIGHTS",
-           "WEIGHTS", "embedded_model", "load_mini_pipeline"]
+__all__ = ["MINI_ADAPTER", "MINI_FPS", "MINI_GUIDANCE", "MINI_REFERENCE_GUIDANCE", "MINI_SHIFT", "MINI_SIZES",
+           "MINI_WEIGHTS", "WEIGHTS", "embedded_model", "load_mini_pipeline"]
 
 # The Euler shift the mini base is trained and sampled with (recorded in its model_index.json). Wan's 5 suits its
 # ~30k tokens a clip; at 272 tokens a shift of 5 leaves the low noise levels, where faces get their features,
 # almost untrained (as SD3 found, the right shift grows with resolution).
 MINI_SHIFT = 2.0
 # Identity guidance the mini base samples with by default (its model_index.json's default_reference_guidance):
-# chosen on held-out identities, then confirmed on others (docs/compositions.md, "Identity guidance").
-MINI_REFERENCE_GUIDANCE = 3.0
+# chosen on held-out identities, then confirmed on others (docs/compositions.md, "At text guidance 2").
+MINI_REFERENCE_GUIDANCE = 4.0
+# Text guidance likewise (default_guidance_scale): Wan's 5 over-steers this small base, which then draws fewer faces
+# and places; chosen on held-out identities, then confirmed on others (docs/mini_text_guidance.json).
+MINI_GUIDANCE = 2.0
 
 
 def embedded_model() -> dict:

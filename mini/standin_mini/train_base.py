@@ -51,7 +51,7 @@ from standin.io import atomic_write, save_image, save_text
 from standin_mini import world
 from standin_mini.data import (HELDOUT_IDENTITIES, MiniClipDataset, make_clip, make_reference, split_identity,
                                to_tensor)
-from standin_mini.model import MINI_FPS, MINI_REFERENCE_GUIDANCE, MINI_SHIFT, MINI_SIZES
+from standin_mini.model import MINI_FPS, MINI_GUIDANCE, MINI_REFERENCE_GUIDANCE, MINI_SHIFT, MINI_SIZES
 from standin_mini.prompts import sample_prompt
 from standin_mini.tokenizer import mini_tokenizer
 from standin.pipeline import WAN_NEGATIVE_PROMPT, StandInPipeline, normalize_latents, standin_scheduler
@@ -564,6 +564,7 @@ def assemble_pipeline(work: Path) -> StandInPipeline:
         scheduler=standin_scheduler(MINI_SHIFT), reference_size=REFERENCE_SIZE, sampler_shift=MINI_SHIFT,
         default_height=FRAME_SIZE[0], default_width=FRAME_SIZE[1], default_num_frames=NUM_FRAMES,
         default_fps=MINI_FPS, preprocess_reference=False, default_reference_guidance=MINI_REFERENCE_GUIDANCE,
+        default_guidance_scale=MINI_GUIDANCE,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

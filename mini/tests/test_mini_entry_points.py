@@ -20,8 +20,9 @@ def test_default_model_is_the_shipped_base_and_adapter():
     assert config["_class_name"] == "StandInPipeline"
     assert (config["default_height"], config["default_width"], config["default_num_frames"],
             config["default_fps"], config["preprocess_reference"]) == (64, 64, 17, 8, False)
-    # chosen on held-out identities, confirmed on others (docs/compositions.md, identity guidance)
-    assert config["default_reference_guidance"] == 3.0
+    # chosen on held-out identities, confirmed on others (docs/compositions.md, identity guidance;
+    # docs/mini_text_guidance.json, text guidance)
+    assert (config["default_reference_guidance"], config["default_guidance_scale"]) == (4.0, 2.0)
     assert Path(model["adapter"]).is_file() and model["adapter"].endswith(".safetensors")
 
 

@@ -48,8 +48,8 @@ def add_parser(subparsers) -> None:
     swap.add_argument("--backend", help="face backend for the landmarks (default: 'mini' for the default model, "
                       "'dlib' with --base; an insightface folder such as antelopev2 as published)")
     swap.add_argument("--steps", type=int, default=20, help="denoising steps (default: %(default)s)")
-    swap.add_argument("--guidance", type=float, default=5.0, help="text guidance scale; 1 turns it off "
-                      "(default: %(default)s)")
+    swap.add_argument("--guidance", type=float, help="text guidance scale; 1 turns it off (default: the "
+                      "base's, 5 for Wan, 2 for the mini model)")
     swap.add_argument("--seed", type=int, default=0, help="random seed of the noise (default: %(default)s)")
     swap.add_argument("--window", type=int, help="frames per window for long videos (default: the model's frame "
                       "count, 81 for Wan, 17 for the mini model)")
@@ -85,7 +85,7 @@ def check_arguments(args) -> str | None:
         return f"--strength must be in (0, 1], got {args.strength}"
     if args.steps < 1:
         return f"--steps must be at least 1, got {args.steps}"
-    if not (args.guidance >= 0 and math.isfinite(args.guidance)):
+    if args.guidance is not None and not (args.guidance >= 0 and math.isfinite(args.guidance)):
         return f"--guidance must be a finite number >= 0, got {args.guidance}"
     if args.window is not None and args.window < 1:
         return f"--window must be at least 1, got {args.window}"
