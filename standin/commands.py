@@ -247,8 +247,8 @@ def load_generator(args, base, adapter, adapter_low, loras, loras_low, device, v
             steps = settings["num_inference_steps"]
         if guidance is None:
             guidance = settings["guidance_scale"]
-    if guidance is None:  # a VACE pipeline records none: Wan's
-        guidance = float(pipe.config.get("default_guidance_scale", 5.0))
+    if guidance is None:
+        guidance = pipe.config.default_guidance_scale
     return pipe, steps, guidance
 
 

@@ -105,10 +105,12 @@ class StandInVACEPipeline(WanVACEPipeline):
 
     def __init__(self, tokenizer, text_encoder, vae, scheduler, transformer=None, transformer_2=None,
                  boundary_ratio: float | None = None, reference_size: int = REFERENCE_SIZE,
-                 sampler_shift: float = SAMPLER_SHIFT, preprocess_reference: bool = True, default_fps: int = 25):
+                 sampler_shift: float = SAMPLER_SHIFT, preprocess_reference: bool = True, default_fps: int = 25,
+                 default_guidance_scale: float = 5.0):
         super().__init__(tokenizer, text_encoder, vae, scheduler, transformer, transformer_2, boundary_ratio)
         self.register_to_config(reference_size=reference_size, sampler_shift=sampler_shift,
-                                preprocess_reference=preprocess_reference, default_fps=default_fps)
+                                preprocess_reference=preprocess_reference, default_fps=default_fps,
+                                default_guidance_scale=default_guidance_scale)
         self.adapters = {}
 
     # The adapter and reference handling is StandInPipeline's, shared as is.

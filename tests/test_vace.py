@@ -277,6 +277,7 @@ def test_a_vace_folder_loads_with_an_official_ckpt(vace_folder, tmp_path):
     from standin.vace import load_vace_pipeline
 
     by_hand = load_vace_pipeline(vace_folder / "base", device="cpu")
+    assert by_hand.config.default_guidance_scale == 5.0  # the folder records none: Wan's published text guidance
     state = official_state_dict(by_hand.transformer, seed=3)
     torch.save(state, tmp_path / "Stand-In_wan2.1_T2V_14B_ver1.0.ckpt")
     loaded = load_vace_pipeline(vace_folder / "base", tmp_path / "Stand-In_wan2.1_T2V_14B_ver1.0.ckpt", device="cpu")
