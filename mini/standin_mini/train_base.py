@@ -5,6 +5,7 @@
     python -m standin_mini.train_base t2v --work /tmp/mini_work        # stage 2: latent cache, text encoder + DiT
         [--device cuda --workers 16 --set steps=20000 --set batch=64 --set clips=20000]   # a longer run on a GPU
         [--set init=mini/standin_mini/weights/base --set steps=6000]  # continue the shipped base, on its own VAE
+        [--set init=mini/standin_mini/weights/base --set layers=12]   # grow it deeper first (grow_depth)
     python -m standin_mini.train_base evaluate --work /tmp/mini_work   # sample clips, contact sheet, prompt checks
     python -m standin_mini.train_base export --work /tmp/mini_work --out mini/standin_mini/weights/base
 
@@ -323,18 +324,44 @@ def build_transformer(config: T2VConfig) -> WanTransformer3DModel:
 
 def trained_t2v(config: T2VConfig, vocab_size: int) -> tuple[UMT5EncoderModel, WanTransformer3DModel]:
     """The text encoder and transformer of the exported base config.init, checked against the config's sizes
-    (a continued run must be the model the config describes, or its record would be wrong)."""
+    (a continued run must be the model the config describes, or its record would be wrong). A config with more
+    layers than the base grows it (`grow_depth`): the same function, more blocks to train."""
     text_encoder = UMT5EncoderModel.from_pretrained(Path(config.init) / "text_encoder")
     transformer = WanTransformer3DModel.from_pretrained(Path(config.init) / "transformer")
     found = (text_encoder.config.vocab_size, text_encoder.config.d_model, text_encoder.config.num_layers,
              transformer.config.num_attention_heads, transformer.config.attention_head_dim,
-             transformer.config.num_layers, transformer.config.ffn_dim, transformer.config.freq_dim)
-    asked = (vocab_size, config.text_dim, config.text_layers, config.heads, config.head_dim, config.layers,
-             config.ffn_dim, config.freq_dim)
-    if found != asked:
-        raise ValueError(f"{config.init} has (vocabulary, text_dim, text_layers, heads, head_dim, layers, ffn_dim, "
-                         f"freq_dim) {found}, the config asks {asked}")
+             transformer.config.ffn_dim, transformer.config.freq_dim)
+    asked = (vocab_size, config.text_dim, config.text_layers, config.heads, config.head_dim, config.ffn_dim,
+             config.freq_dim)
+    if found != asked or config.layers < transformer.config.num_layers:
+        raise ValueError(f"{config.init} has (vocabulary, text_dim, text_layers, heads, head_dim, ffn_dim, freq_dim) "
+                         f"{found} and {transformer.config.num_layers} layers, the config asks {asked} and "
+                         f"{config.layers} (more layers grow the base, fewer cannot)")
+    if config.layers > transformer.config.num_layers:
+        transformer = grow_depth(transformer, config.layers, seed=config.seed + 1)
     return text_encoder, transformer
+
+
+def grow_depth(transformer: WanTransformer3DModel, layers: int, seed: int = 0) -> WanTransformer3DModel:
+    """A deeper transformer that computes exactly what `transformer` does: its blocks in their order, spread over
+    `layers` slots, and new blocks between them whose three output projections (self-attention, cross-attention,
+    feed-forward) are zero, so each starts as the identity on the residual stream (DiT's adaLN-zero idea) while
+    the rest of its weights are a fresh initialisation for training to use."""
+    old = len(transformer.blocks)
+    torch.manual_seed(seed)
+    grown = WanTransformer3DModel.from_config({**transformer.config, "num_layers": layers})
+    outside = {k: v for k, v in transformer.state_dict().items() if not k.startswith("blocks.")}
+    grown.load_state_dict(outside, strict=False)
+    slots = [index * layers // old for index in range(old)]  # distinct and increasing since layers > old
+    for index, slot in enumerate(slots):
+        grown.blocks[slot].load_state_dict(transformer.blocks[index].state_dict())
+    with torch.no_grad():
+        for slot in sorted(set(range(layers)) - set(slots)):
+            block = grown.blocks[slot]
+            for projection in (block.attn1.to_out[0], block.attn2.to_out[0], block.ffn.net[-1]):
+                projection.weight.zero_()
+                projection.bias.zero_()
+    return grown
 
 
 def keep_init_record(init: Path, stage: Path) -> None:
@@ -579,7 +606,7 @@ def evaluation_prompts(count: int) -> list[tuple[int, str, str]]:
     return cases
 
 
-def evaluate_pipeline(work: Path, count: int = 24, steps: int = 20, guidance: float = 5.0) -> dict:
+def evaluate_pipeline(work: Path, count: int = 24, steps: int = 20, guidance: float = MINI_GUIDANCE) -> dict:
     """Generate `count` clips without reference; write a contact sheet (generated clip above the mini world's own
     clip of the same prompt) and, when the mini face model is trained, how often each follows its prompt."""
     from PIL import Image, ImageDraw

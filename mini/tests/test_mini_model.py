@@ -350,7 +350,35 @@ def test_t2v_stage_continues_from_an_exported_base(tmp_path):
     assert record.index("## Stage 2") < record.index(heading) < record.index("### Stage 1: frame-wise VAE")
 
     with pytest.raises(ValueError, match="the config asks"):
-        train_base.train_t2v(tmp_path / "third", replace(config, layers=2))
+        train_base.train_t2v(tmp_path / "third", replace(config, ffn_dim=32))
+    with pytest.raises(ValueError, match="fewer cannot"):
+        train_base.train_t2v(tmp_path / "third", replace(config, layers=0))
     train_base.train_vae(tmp_path / "other_vae", replace(TINY_VAE, seed=1))
     with pytest.raises(ValueError, match="is not the VAE of"):
         train_base.train_t2v(tmp_path / "other_vae", config)
+
+
+def test_grown_transformer_computes_the_same_function_then_trains_its_new_blocks(tmp_path):
+    """`--set layers=N` on a base with fewer blocks keeps its blocks and adds identity blocks: the grown model's
+    output equals the base's exactly, and one training step moves the new blocks (so they are not dead weight)."""
+    from dataclasses import replace
+
+    from diffusers import WanTransformer3DModel
+
+    source = WanTransformer3DModel.from_pretrained(MINI_WEIGHTS / "transformer").eval()
+    grown = train_base.grow_depth(source, 9).eval()
+    assert len(grown.blocks) == 9
+    latents, timestep = torch.randn(2, 16, 3, 8, 8), torch.tensor([300.0, 900.0])
+    text = torch.randn(2, 7, source.config.text_dim)
+    with torch.no_grad():
+        assert torch.equal(grown(latents, timestep, text, return_dict=False)[0],
+                           source(latents, timestep, text, return_dict=False)[0])
+
+    train_base.train_vae(tmp_path / "first", TINY_VAE)
+    train_base.train_t2v(tmp_path / "first", TINY_T2V)
+    base = train_base.export(tmp_path / "first", tmp_path / "base")
+    continued = train_base.train_t2v(tmp_path / "second", replace(TINY_T2V, steps=1, layers=3, init=str(base)))
+    trained = WanTransformer3DModel.from_pretrained(continued / "transformer")
+    assert trained.config.num_layers == 3
+    new_block = trained.blocks[1]  # 1 -> 3 layers: the old block at slot 0, new ones at 1 and 2
+    assert new_block.ffn.net[-1].weight.abs().max() > 0  # a step moved the zero-initialised projection
