@@ -350,11 +350,14 @@ def grow_depth(transformer: WanTransformer3DModel, layers: int, seed: int = 0) -
     old = len(transformer.blocks)
     torch.manual_seed(seed)
     grown = WanTransformer3DModel.from_config({**transformer.config, "num_layers": layers})
-    outside = {k: v for k, v in transformer.state_dict().items() if not k.startswith("blocks.")}
-    grown.load_state_dict(outside, strict=False)
     slots = [index * layers // old for index in range(old)]  # distinct and increasing since layers > old
-    for index, slot in enumerate(slots):
-        grown.blocks[slot].load_state_dict(transformer.blocks[index].state_dict())
+    state = grown.state_dict()
+    for key, value in transformer.state_dict().items():
+        if key.startswith("blocks."):
+            _, index, rest = key.split(".", 2)
+            key = f"blocks.{slots[int(index)]}.{rest}"
+        state[key] = value
+    grown.load_state_dict(state)  # strict: a weight the grown model lacks is an error, not skipped
     with torch.no_grad():
         for slot in sorted(set(range(layers)) - set(slots)):
             block = grown.blocks[slot]
