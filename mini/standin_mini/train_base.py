@@ -6,6 +6,7 @@
         [--device cuda --workers 16 --set steps=20000 --set batch=64 --set clips=20000]   # a longer run on a GPU
         [--set init=mini/standin_mini/weights/base --set steps=6000]  # continue the shipped base, on its own VAE
         [--set init=mini/standin_mini/weights/base --set layers=12]   # grow it deeper first (grow_depth)
+        [--set init=mini/standin_mini/weights/base --set patch=1]     # or refine its token grid (refine_patches)
     python -m standin_mini.train_base evaluate --work /tmp/mini_work   # sample clips, contact sheet, prompt checks
     python -m standin_mini.train_base export --work /tmp/mini_work --out mini/standin_mini/weights/base
 
@@ -92,6 +93,7 @@ class T2VConfig:
     heads: int = 4
     head_dim: int = 32  # RoPE: 10 dims each for height and width, 12 for time
     layers: int = 6
+    patch: int = 2  # spatial patch of the transformer: 8x8 latents -> 4x4 tokens a frame (1: 8x8, ~5x a step)
     ffn_dim: int = 512
     freq_dim: int = 64
     steps: int = 3000
@@ -316,7 +318,7 @@ def build_text_encoder(config: T2VConfig, vocab_size: int) -> UMT5EncoderModel:
 def build_transformer(config: T2VConfig) -> WanTransformer3DModel:
     torch.manual_seed(config.seed + 1)
     return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=config.heads, attention_head_dim=config.head_dim,
+        patch_size=(1, config.patch, config.patch), num_attention_heads=config.heads, attention_head_dim=config.head_dim,
         in_channels=16, out_channels=16, text_dim=config.text_dim, freq_dim=config.freq_dim,
         ffn_dim=config.ffn_dim, num_layers=config.layers, cross_attn_norm=True, eps=1e-6,
     )
@@ -325,7 +327,8 @@ def build_transformer(config: T2VConfig) -> WanTransformer3DModel:
 def trained_t2v(config: T2VConfig, vocab_size: int) -> tuple[UMT5EncoderModel, WanTransformer3DModel]:
     """The text encoder and transformer of the exported base config.init, checked against the config's sizes
     (a continued run must be the model the config describes, or its record would be wrong). A config with more
-    layers than the base grows it (`grow_depth`): the same function, more blocks to train."""
+    layers than the base grows it (`grow_depth`): the same function, more blocks to train; a smaller patch refines
+    its token grid (`refine_patches`)."""
     text_encoder = UMT5EncoderModel.from_pretrained(Path(config.init) / "text_encoder")
     transformer = WanTransformer3DModel.from_pretrained(Path(config.init) / "transformer")
     found = (text_encoder.config.vocab_size, text_encoder.config.d_model, text_encoder.config.num_layers,
@@ -333,12 +336,16 @@ def trained_t2v(config: T2VConfig, vocab_size: int) -> tuple[UMT5EncoderModel, W
              transformer.config.ffn_dim, transformer.config.freq_dim)
     asked = (vocab_size, config.text_dim, config.text_layers, config.heads, config.head_dim, config.ffn_dim,
              config.freq_dim)
-    if found != asked or config.layers < transformer.config.num_layers:
+    patch = transformer.config.patch_size[1]
+    if found != asked or config.layers < transformer.config.num_layers or patch % config.patch:
         raise ValueError(f"{config.init} has (vocabulary, text_dim, text_layers, heads, head_dim, ffn_dim, freq_dim) "
-                         f"{found} and {transformer.config.num_layers} layers, the config asks {asked} and "
-                         f"{config.layers} (more layers grow the base, fewer cannot)")
+                         f"{found}, {transformer.config.num_layers} layers and patch {patch}, the config asks {asked}, "
+                         f"{config.layers} and {config.patch} (more layers grow the base, fewer cannot; a patch "
+                         f"that divides the base's refines it, another cannot)")
     if config.layers > transformer.config.num_layers:
         transformer = grow_depth(transformer, config.layers, seed=config.seed + 1)
+    if config.patch < patch:
+        transformer = refine_patches(transformer, config.patch)
     return text_encoder, transformer
 
 
@@ -365,6 +372,26 @@ def grow_depth(transformer: WanTransformer3DModel, layers: int, seed: int = 0) -
                 projection.weight.zero_()
                 projection.bias.zero_()
     return grown
+
+
+def refine_patches(transformer: WanTransformer3DModel, patch: int) -> WanTransformer3DModel:
+    """The transformer on a finer token grid (spatial patch `patch`, dividing its own P), started from its weights
+    so that training refines a base instead of starting over. A new token reads its patch as the old embedding
+    would read that patch enlarged to P x P (each new kernel tap sums the old taps it would cover), so a constant
+    latent embeds to exactly the old token; its output likewise averages the old outputs over those taps. Blocks,
+    text and time embedders stay as they are. The model first sees each thing k = P / patch times larger in tokens
+    (RoPE keeps integer positions), which is what training then adapts to."""
+    old = transformer.config.patch_size[1]
+    k = old // patch
+    refined = WanTransformer3DModel.from_config({**transformer.config, "patch_size": (1, patch, patch)})
+    state = transformer.state_dict()
+    embed = state["patch_embedding.weight"]  # [dim, channels, 1, P, P], tap u of the old kernel -> u // k
+    state["patch_embedding.weight"] = embed.unflatten(4, (patch, k)).unflatten(3, (patch, k)).sum((4, 6))
+    out_weight, out_bias = state["proj_out.weight"], state["proj_out.bias"]  # rows ordered (1, P, P, channels)
+    state["proj_out.weight"] = out_weight.unflatten(0, (1, patch, k, patch, k, -1)).mean((2, 4)).flatten(0, 3)
+    state["proj_out.bias"] = out_bias.unflatten(0, (1, patch, k, patch, k, -1)).mean((2, 4)).flatten()
+    refined.load_state_dict(state)
+    return refined
 
 
 def keep_init_record(init: Path, stage: Path) -> None:

@@ -382,3 +382,42 @@ def test_grown_transformer_computes_the_same_function_then_trains_its_new_blocks
     assert trained.config.num_layers == 3
     new_block = trained.blocks[1]  # 1 -> 3 layers: the old block at slot 0, new ones at 1 and 2
     assert new_block.ffn.net[-1].weight.abs().max() > 0  # a step moved the zero-initialised projection
+
+
+def test_refined_patches_read_and_write_the_old_patches_then_train_and_sample(tmp_path):
+    """`--set patch=1` on a base with 2x2 patches: on a latent constant over a patch the new tokens are the old
+    token, the new output is the mean of the old outputs over the patch, everything else is the base's; the stage
+    trains such a base, and its export samples through StandInPipeline on the finer grid."""
+    from dataclasses import replace
+
+    from diffusers import WanTransformer3DModel
+
+    from standin.pipeline import StandInPipeline
+
+    source = WanTransformer3DModel.from_pretrained(MINI_WEIGHTS / "transformer").eval()
+    refined = train_base.refine_patches(source, 1).eval()
+    assert tuple(refined.config.patch_size) == (1, 1, 1)
+    patches = torch.randn(1, 16, 3, 4, 4)
+    constant = patches.repeat_interleave(2, 3).repeat_interleave(2, 4)  # each old 2x2 patch one value a channel
+    hidden = torch.randn(5, source.config.num_attention_heads * source.config.attention_head_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(refined.patch_embedding(constant),
+                                   source.patch_embedding(constant).repeat_interleave(2, 3).repeat_interleave(2, 4),
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(refined.proj_out(hidden), source.proj_out(hidden).view(5, 4, 16).mean(1),
+                                   rtol=1e-5, atol=1e-6)
+    old, new = source.state_dict(), refined.state_dict()
+    changed = {key for key in old if old[key].shape != new[key].shape or not torch.equal(old[key], new[key])}
+    assert changed == {"patch_embedding.weight", "proj_out.weight", "proj_out.bias"}
+
+    train_base.train_vae(tmp_path / "first", TINY_VAE)
+    train_base.train_t2v(tmp_path / "first", TINY_T2V)
+    base = train_base.export(tmp_path / "first", tmp_path / "base")
+    with pytest.raises(ValueError, match="another cannot"):
+        train_base.train_t2v(tmp_path / "odd", replace(TINY_T2V, steps=1, patch=3, init=str(base)))
+    continued = train_base.train_t2v(tmp_path / "second", replace(TINY_T2V, steps=1, patch=1, init=str(base)))
+    assert tuple(WanTransformer3DModel.from_pretrained(continued / "transformer").config.patch_size) == (1, 1, 1)
+    fine = StandInPipeline.from_pretrained(train_base.export(tmp_path / "second", tmp_path / "fine"))
+    latents = fine("A man nods in a room at noon.", height=64, width=64, num_frames=3, num_inference_steps=2,
+                   output_type="latent", generator=torch.Generator().manual_seed(0)).frames
+    assert latents.shape == (1, 16, 3, 8, 8) and torch.isfinite(latents).all()
