@@ -318,9 +318,9 @@ def build_text_encoder(config: T2VConfig, vocab_size: int) -> UMT5EncoderModel:
 def build_transformer(config: T2VConfig) -> WanTransformer3DModel:
     torch.manual_seed(config.seed + 1)
     return WanTransformer3DModel(
-        patch_size=(1, config.patch, config.patch), num_attention_heads=config.heads, attention_head_dim=config.head_dim,
-        in_channels=16, out_channels=16, text_dim=config.text_dim, freq_dim=config.freq_dim,
-        ffn_dim=config.ffn_dim, num_layers=config.layers, cross_attn_norm=True, eps=1e-6,
+        patch_size=(1, config.patch, config.patch), num_attention_heads=config.heads,
+        attention_head_dim=config.head_dim, in_channels=16, out_channels=16, text_dim=config.text_dim,
+        freq_dim=config.freq_dim, ffn_dim=config.ffn_dim, num_layers=config.layers, cross_attn_norm=True, eps=1e-6,
     )
 
 
@@ -337,7 +337,7 @@ def trained_t2v(config: T2VConfig, vocab_size: int) -> tuple[UMT5EncoderModel, W
     asked = (vocab_size, config.text_dim, config.text_layers, config.heads, config.head_dim, config.ffn_dim,
              config.freq_dim)
     patch = transformer.config.patch_size[1]
-    if found != asked or config.layers < transformer.config.num_layers or patch % config.patch:
+    if found != asked or config.layers < transformer.config.num_layers or config.patch < 1 or patch % config.patch:
         raise ValueError(f"{config.init} has (vocabulary, text_dim, text_layers, heads, head_dim, ffn_dim, freq_dim) "
                          f"{found}, {transformer.config.num_layers} layers and patch {patch}, the config asks {asked}, "
                          f"{config.layers} and {config.patch} (more layers grow the base, fewer cannot; a patch "
