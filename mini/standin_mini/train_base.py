@@ -2,11 +2,13 @@
 
     python -m standin_mini.train_base vae --work /tmp/mini_work        # stage 1: frame-wise video VAE
         [--set init=mini/standin_mini/weights/base/vae --set steps=2400 --set lr=1e-3]  # continue a trained one
+        [--set scale_equivariance=1.0]  # pooled latents must decode to pooled frames (docs/mini_base_capacity.md)
     python -m standin_mini.train_base t2v --work /tmp/mini_work        # stage 2: latent cache, text encoder + DiT
         [--device cuda --workers 16 --set steps=20000 --set batch=64 --set clips=20000]   # a longer run on a GPU
         [--set init=mini/standin_mini/weights/base --set steps=6000]  # continue the shipped base, on its own VAE
         [--set init=mini/standin_mini/weights/base --set layers=12]   # grow it deeper first (grow_depth)
         [--set init=mini/standin_mini/weights/base --set patch=1]     # or refine its token grid (refine_patches)
+        [--set ema=0.995]  # export a moving average of the weights (the last step's stay in t2v/checkpoint.pt)
     python -m standin_mini.train_base evaluate --work /tmp/mini_work   # sample clips, contact sheet, prompt checks
     python -m standin_mini.train_base export --work /tmp/mini_work --out mini/standin_mini/weights/base
 
@@ -42,6 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from diffusers.training_utils import EMAModel
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 from safetensors import safe_open
@@ -78,6 +81,9 @@ class VaeConfig:
     lr: float = 2e-3  # with MSE, the fastest of those tried (L1, lower rates: slower; 4e-3: unstable)
     warmup: int = 50
     kl_weight: float = 1e-5  # on the per-element KL: only a light pull, as Wan and SD's VAEs do
+    # Scale equivariance (Skorokhodov et al. 2025, "Improving the Diffusability of Autoencoders"): the latent
+    # average-pooled 2x must also decode to the frame pooled 2x, which keeps fine-scale noise out of the latents.
+    scale_equivariance: float = 0.0
     eval_clips: int = 32  # held-out identities and prompts: two frames per clip, plus one reference each
     stats_clips: int = 128  # clips whose latents set latents_mean / latents_std
     checkpoint_every: int = 50
@@ -105,6 +111,8 @@ class T2VConfig:
     grad_clip: float = 1.0
     shift: float = MINI_SHIFT  # of the training sigma distribution (the sampler's shift)
     prompt_dropout: float = 0.1  # the unconditional branch of classifier-free guidance
+    image_batch: int = 0  # single frames a step besides the clips (Wan trains on images too): 16 tokens each, not 272
+    ema: float = 0.0  # decay of an exponential moving average of the weights, which the stage then exports; 0: off
     checkpoint_every: int = 100
     seed: int = 0
     init: str = ""  # an exported mini base folder to continue from (e.g. the shipped one), "" = scratch
@@ -229,10 +237,31 @@ def vae_loss(vae: AutoencoderKLWan, frames: torch.Tensor, generator: torch.Gener
     with one_frame_convs(vae):
         posterior = vae.encode(frames).latent_dist
         # The decoder itself, not vae.decode: decode clamps to [-1, 1], which would stop gradients at the edges.
-        recon = vae.decoder(vae.post_quant_conv(posterior.sample(generator)))
-    mse = F.mse_loss(recon, frames)
-    kl = 0.5 * (posterior.mean**2 + posterior.var - 1 - posterior.logvar).mean()
-    return mse + config.kl_weight * kl, {"mse": mse.item(), "kl": kl.item()}
+        z = posterior.sample(generator)
+        recon = vae.decoder(vae.post_quant_conv(z))
+        mse = F.mse_loss(recon, frames)
+        kl = 0.5 * (posterior.mean**2 + posterior.var - 1 - posterior.logvar).mean()
+        loss, parts = mse + config.kl_weight * kl, {"mse": mse.item(), "kl": kl.item()}
+        if config.scale_equivariance:
+            coarse = vae.decoder(vae.post_quant_conv(pool2(z)))
+            se = F.mse_loss(coarse, pool2(frames))
+            loss, parts["se"] = loss + config.scale_equivariance * se, se.item()
+    return loss, parts
+
+
+def pool2(x: torch.Tensor) -> torch.Tensor:
+    """[N, C, 1, H, W] -> [N, C, 1, H/2, W/2]: the mean of each 2x2 block."""
+    return F.avg_pool3d(x, (1, 2, 2))
+
+
+def fine_scale_share(x: torch.Tensor) -> float:
+    """The share of the spatial variance of the maps [N, C, 1, H, W] that lies within 2x2 blocks (what `pool2`
+    removes), averaged over channels (each weighs the same, as after the pipeline's per-channel normalisation):
+    3/4 for white noise, less for the smooth pictures a diffusion model draws coarse to fine."""
+    x = x - x.mean((-2, -1), keepdim=True)
+    fine = x - F.interpolate(pool2(x), scale_factor=(1, 2, 2), mode="nearest")
+    per_channel = fine.pow(2).transpose(0, 1).flatten(1).sum(1) / x.pow(2).transpose(0, 1).flatten(1).sum(1)
+    return float(per_channel.mean())
 
 
 @torch.no_grad()
@@ -242,6 +271,13 @@ def psnr(vae: AutoencoderKLWan, frames: torch.Tensor) -> float:
         recon = vae.decode(vae.encode(frames).latent_dist.mean).sample
     mse = ((recon - frames) / 2).pow(2).flatten(1).mean(1)
     return float((10 * torch.log10(1 / mse)).mean())
+
+
+@torch.no_grad()
+def latent_fine_share(vae: AutoencoderKLWan, frames: torch.Tensor) -> float:
+    """`fine_scale_share` of the posterior means of `frames`."""
+    with one_frame_convs(vae):
+        return fine_scale_share(vae.encode(frames).latent_dist.mean)
 
 
 @torch.no_grad()
@@ -273,7 +309,8 @@ def train_vae(work: Path, config: VaeConfig) -> Path:
 
     def evaluate() -> dict:
         vae.eval()
-        metrics = {"psnr_frames": psnr(vae, eval_frames), "psnr_references": psnr(vae, eval_references)}
+        metrics = {"psnr_frames": psnr(vae, eval_frames), "psnr_references": psnr(vae, eval_references),
+                   "latent_fine_share": latent_fine_share(vae, eval_frames)}
         vae.train()
         return metrics
 
@@ -292,7 +329,9 @@ def train_vae(work: Path, config: VaeConfig) -> Path:
 
     vae.eval()
     assert past_taps_are_zero(vae), "a past-frame tap moved: the VAE would not be frame-wise"
-    metrics = {"config": asdict(config), **history, **evaluate()}
+    factor = vae.config.scale_factor_spatial  # the frames pooled to the latent grid: the picture's own share
+    metrics = {"config": asdict(config), **history, **evaluate(),
+               "frames_fine_share": fine_scale_share(F.avg_pool3d(eval_frames, (1, factor, factor)))}
     mean, std = latent_statistics(vae, config)
     vae.register_to_config(latents_mean=mean, latents_std=std)
     save_folder(final, lambda folder: vae.save_pretrained(folder))
@@ -462,31 +501,46 @@ def build_cache(work: Path, vae: AutoencoderKLWan, config: T2VConfig,
     return torch.cat(latents), prompts, seconds
 
 
-def flow_matching_batch(latents: torch.Tensor, prompts: list[str], generator: torch.Generator, config: T2VConfig):
-    """(noisy latents, timesteps, velocity targets, prompts) of one training step."""
-    index = torch.randint(len(latents), (config.batch,), generator=generator)
+def flow_matching_batch(latents: torch.Tensor, prompts: list[str], generator: torch.Generator, config: T2VConfig,
+                        images: int = 0):
+    """(noisy latents, timesteps, velocity targets, prompts) of one training step: config.batch clips, or with
+    `images`, that many single frames of random clips (the VAE is frame-wise: a clip's latent frame is the latent of
+    that frame as an image), each with its clip's prompt."""
+    batch = images or config.batch
+    index = torch.randint(len(latents), (batch,), generator=generator)
     x0 = latents[index]
-    u = torch.rand(config.batch, generator=generator)
+    if images:
+        frame = torch.randint(latents.shape[2], (batch,), generator=generator)
+        x0 = x0[torch.arange(batch), :, frame][:, :, None]
+    u = torch.rand(batch, generator=generator)
     sigma = config.shift * u / (1 + (config.shift - 1) * u)
     noise = torch.randn(x0.shape, generator=generator)
     s = sigma.view(-1, 1, 1, 1, 1)
     # Dropped prompts become the empty prompt or Wan's negative prompt (all <unk> here), the two texts the
     # unconditional branch of guidance sees at sampling time.
-    drop = torch.rand(config.batch, generator=generator) < config.prompt_dropout
-    other = torch.rand(config.batch, generator=generator) < 0.5
+    drop = torch.rand(batch, generator=generator) < config.prompt_dropout
+    other = torch.rand(batch, generator=generator) < 0.5
     texts = [("" if o else WAN_NEGATIVE_PROMPT) if d else prompts[i] for i, d, o in
              zip(index.tolist(), drop.tolist(), other.tolist())]
     return (1 - s) * x0 + s * noise, 1000 * sigma, noise - x0, texts
 
 
-def t2v_loss(transformer, text_encoder, tokenizer, latents, prompts, generator, config: T2VConfig):
-    """The batch is drawn on the CPU (the same on every device), the step runs on the transformer's device."""
-    noisy, timesteps, target, texts = flow_matching_batch(latents, prompts, generator, config)
-    device = transformer.device
-    noisy, timesteps, target = noisy.to(device), timesteps.to(device), target.to(device)
-    embeds = encode_prompts(tokenizer, text_encoder, texts)
-    velocity = transformer(noisy, timesteps, embeds, return_dict=False)[0]
-    return F.mse_loss(velocity, target)
+def t2v_loss(transformer, text_encoder, tokenizer, latents, prompts, generator, config: T2VConfig) -> dict:
+    """{"loss": the clips' loss [+ the single frames' loss], "clips": ..., "images": ...}. The batches are drawn on
+    the CPU (the same on every device), the step runs on the transformer's device."""
+
+    def loss(images: int) -> torch.Tensor:
+        noisy, timesteps, target, texts = flow_matching_batch(latents, prompts, generator, config, images)
+        device = transformer.device
+        noisy, timesteps, target = noisy.to(device), timesteps.to(device), target.to(device)
+        embeds = encode_prompts(tokenizer, text_encoder, texts)
+        velocity = transformer(noisy, timesteps, embeds, return_dict=False)[0]
+        return F.mse_loss(velocity, target)
+
+    parts = {"clips": loss(0)}
+    if config.image_batch:
+        parts["images"] = loss(config.image_batch)
+    return {"loss": sum(parts.values()), **parts}
 
 
 def train_t2v(work: Path, config: T2VConfig, device="cpu", workers: int = 1) -> Path:
@@ -516,20 +570,27 @@ def train_t2v(work: Path, config: T2VConfig, device="cpu", workers: int = 1) -> 
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_schedule(config.warmup, config.steps, config.min_lr))
 
+    ema = EMAModel(parameters, decay=config.ema) if config.ema else None
+
     def step(s: int, _) -> dict:
-        loss = t2v_loss(transformer, text_encoder, tokenizer, latents, prompts, step_generator(config.seed, s), config)
+        generator = step_generator(config.seed, s)
+        losses = t2v_loss(transformer, text_encoder, tokenizer, latents, prompts, generator, config)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        losses["loss"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
         optimizer.step()
         schedule.step()
-        return {"loss": loss.item(), "grad_norm": grad_norm.item()}
+        if ema:
+            ema.step(parameters)
+        return {**{name: value.item() for name, value in losses.items()}, "grad_norm": grad_norm.item()}
 
     def batches(sampler):  # the batch is drawn inside the step, from the cache
         return sampler
 
-    models = {"text_encoder": text_encoder, "transformer": transformer}
+    models = {"text_encoder": text_encoder, "transformer": transformer, **({"ema": ema} if ema else {})}
     history = run_steps(stage, config, models, optimizer, schedule, step, batches)
+    if ema:  # the last step's weights stay in the stage's checkpoint.pt
+        ema.copy_to(parameters)
 
     def write(folder):
         tokenizer.save_pretrained(Path(folder) / "tokenizer")

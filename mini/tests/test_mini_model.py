@@ -90,6 +90,28 @@ def test_training_never_moves_the_past_taps():
     assert train_base.past_taps_are_zero(vae)
 
 
+def test_scale_equivariance_decodes_the_pooled_latent_against_the_pooled_frame():
+    blocks = torch.randn(2, 3, 1, 4, 4).repeat_interleave(2, -1).repeat_interleave(2, -2)
+    assert train_base.fine_scale_share(blocks) < 1e-12  # constant on every 2x2 block: nothing fine
+    checkerboard = (torch.arange(8)[:, None] + torch.arange(8)).remainder(2).float().expand(1, 1, 1, 8, 8)
+    assert train_base.fine_scale_share(checkerboard) == pytest.approx(1.0)
+
+    vae = perturbed_vae().train()
+    frames = train_base.FrameBatches(train_base.VaeConfig(batch=3, crop=16))[0]
+    plain, parts = train_base.vae_loss(vae, frames, train_base.step_generator(0, 0), train_base.VaeConfig())
+    config = train_base.VaeConfig(scale_equivariance=0.5)
+    regularised, se_parts = train_base.vae_loss(vae, frames, train_base.step_generator(0, 0), config)
+    with train_base.one_frame_convs(vae), torch.no_grad():  # the same posterior sample, pooled, by hand
+        z = vae.encode(frames).latent_dist.sample(train_base.step_generator(0, 0))
+        coarse = vae.decoder(vae.post_quant_conv(torch.nn.functional.avg_pool3d(z, (1, 2, 2))))
+    expected = torch.nn.functional.mse_loss(coarse, torch.nn.functional.avg_pool3d(frames, (1, 2, 2)))
+    assert "se" not in parts and se_parts["mse"] == parts["mse"]
+    assert se_parts["se"] == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(regularised, plain + 0.5 * expected, rtol=1e-5, atol=0)
+    regularised.backward()  # the pooled decode keeps the VAE frame-wise too
+    assert all(not conv.weight.grad[:, :, :-1].any() for conv in train_base.causal_convs(vae))
+
+
 def test_tokenizer_round_trip_and_unknown_words(pipe):
     tokenizer = mini_tokenizer()
     ids = tokenizer("The camera zooms in on a Woman in the snow at night.").input_ids
@@ -365,6 +387,56 @@ def test_t2v_stage_continues_from_an_exported_base(tmp_path):
     train_base.train_vae(tmp_path / "other_vae", replace(TINY_VAE, seed=1))
     with pytest.raises(ValueError, match="is not the VAE of"):
         train_base.train_t2v(tmp_path / "other_vae", config)
+
+
+def test_image_batches_are_single_frames_of_the_cached_clips():
+    latents = torch.randn(5, 16, 17, 8, 8, generator=torch.Generator().manual_seed(0))
+    prompts = [f"prompt {i}" for i in range(5)]
+    clips = train_base.flow_matching_batch(latents, prompts, train_base.step_generator(0, 3), TINY_T2V)
+    generator = train_base.step_generator(0, 3)
+    again = train_base.flow_matching_batch(latents, prompts, generator, TINY_T2V)
+    noisy, timesteps, target, texts = train_base.flow_matching_batch(latents, prompts, generator, TINY_T2V, 6)
+    assert all(torch.equal(a, b) for a, b in zip(clips[:3], again[:3]))  # the clips' draws come first, unchanged
+    assert noisy.shape == target.shape == (6, 16, 1, 8, 8) and len(texts) == 6
+    x0 = noisy - (timesteps / 1000).view(-1, 1, 1, 1, 1) * target  # x_t = x0 + sigma (noise - x0)
+    times = set()
+    for frame, text in zip(x0[:, :, 0], texts):
+        distance = (latents.transpose(1, 2).flatten(0, 1) - frame).abs().amax((1, 2, 3))
+        clip, time = divmod(int(distance.argmin()), 17)
+        assert distance.min() < 1e-5 and text in (prompts[clip], "", train_base.WAN_NEGATIVE_PROMPT)
+        times.add(time)
+    assert len(times) > 1  # any frame of a clip, not always the first
+
+
+def test_t2v_stage_exports_the_weight_average_and_resumes_it_exactly(tmp_path, monkeypatch, tiny_base):
+    """With `ema` the stage trains exactly as without (the average only reads the weights), resumes the average
+    with the rest after a kill, and exports the average, not the last step's weights. Image batches train too."""
+    from dataclasses import replace
+
+    config = replace(TINY_T2V, ema=0.5)
+    for work in ("plain", "whole", "resumed"):
+        shutil.copytree(tiny_base / "vae", tmp_path / work / "vae" / "final")
+    train_base.train_t2v(tmp_path / "plain", TINY_T2V)
+    train_base.train_t2v(tmp_path / "whole", config)
+    with monkeypatch.context() as patch:
+        interrupted(patch, "t2v_loss", after=3)  # dies in step 4, after the checkpoint of step 2
+        with pytest.raises(KeyboardInterrupt):
+            train_base.train_t2v(tmp_path / "resumed", config)
+    train_base.train_t2v(tmp_path / "resumed", config)
+
+    def weights(work):
+        return load_file(str(tmp_path / work / "t2v" / "final" / "transformer" / "diffusion_pytorch_model.safetensors"))
+
+    plain, whole, resumed = weights("plain"), weights("whole"), weights("resumed")
+    last_step = torch.load(tmp_path / "whole" / "t2v" / "checkpoint.pt", weights_only=True)["transformer"]
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert all(torch.equal(last_step[k], plain[k]) for k in plain)
+    assert not all(torch.equal(whole[k], plain[k]) for k in plain)
+
+    # Single frames besides the clips (image_batch) are one more loss on the same step: the weights move otherwise.
+    shutil.copytree(tiny_base / "vae", tmp_path / "images" / "vae" / "final")
+    train_base.train_t2v(tmp_path / "images", replace(TINY_T2V, image_batch=2))
+    assert not all(torch.equal(weights("images")[k], plain[k]) for k in plain)
 
 
 def test_grown_transformer_computes_the_same_function_then_trains_its_new_blocks(tmp_path, tiny_base):
