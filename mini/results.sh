@@ -8,7 +8,8 @@
 # default, 5, 1) to RUNS/mini_results{,_guidance5,_guidance1}.{md,json,png}. On 2 CPU cores: 15 min, 3 x 27 min,
 # about 35 min. Each stage continues what a killed run left (prepare completes its folder, training resumes from its
 # last checkpoint, a finished table is kept): rerun the same command after a stop.
-# CLIPS, STEPS, COUNT and REFERENCE_CLIPS (environment) shrink it for a quick check of the wiring.
+# CLIPS, STEPS, COUNT and REFERENCE_CLIPS (environment) shrink it for a quick check of the wiring. To refresh the
+# shipped results, copy the tables to docs/ and RUNS/VARIANT/report.json to docs/mini_training/adapter_VARIANT.json.
 set -euo pipefail
 
 BASE=${1:-$(python -c "from standin_mini.settings import MINI_WEIGHTS; print(MINI_WEIGHTS)")}

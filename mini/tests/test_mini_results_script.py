@@ -1,5 +1,6 @@
-"""mini/results.sh, the one command behind README's results: every stage runs, and a rerun after it finished (or
-was killed) continues rather than starts over. Here on a tiny random base at toy sizes."""
+"""mini/results.sh, the one command behind README's results: every stage runs, and a rerun redoes nothing that is
+done (a killed training resumes by `standin train --resume`, tested in tests/test_train.py). Here on a tiny random
+base at toy sizes."""
 
 import json
 import os
