@@ -7,6 +7,8 @@ world's own render of the same identity and prompt is measured too, as the ceili
 that render encoded and decoded by the model's VAE, the ceiling of any generator that works through it.
 FaceSim uses the world's identity model through the same code path as real videos (standin.eval), motion is
 the mean optical flow, and the prompt checks are the world's rules (standin_mini.identity.check_prompt).
+Two loss diagnostics on held-out clips follow (--reference-clips): whether each adapter uses the reference, and
+which parts of the prompt the base reads at which noise level.
 
     python -m standin_mini.evaluate --base mini/standin_mini/weights/base \
         --adapter standin=mini/standin_mini/weights/standin_adapter.safetensors \
@@ -15,6 +17,7 @@ the mean optical flow, and the prompt checks are the world's rules (standin_mini
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -32,7 +35,7 @@ from standin.loading import load_pipeline
 from standin.video import to_uint8
 from standin_mini.data import make_clip, make_reference, split_identity
 from standin_mini.identity import MiniFaceBackend, check_prompt
-from standin_mini.prompts import sample_prompt
+from standin_mini.prompts import ACTIONS, PLACE_PHRASES, TIME_PHRASES, Prompt, parse_prompt, sample_prompt
 from standin_mini.sheet import stack_rows
 from standin_mini.world import identity as world_identity
 
@@ -64,59 +67,135 @@ def measure(frames: np.ndarray, reference: np.ndarray, prompt, backend) -> dict:
             "place_ok": checks["place_ok"], "time_ok": checks["time_ok"]}
 
 
-REFERENCE_SIGMAS = (0.5, 0.8, 0.95)
+LOSS_SIGMAS = (0.5, 0.8, 0.95)
+PROMPT_PARTS = {"action": ACTIONS, "place": PLACE_PHRASES, "time": TIME_PHRASES}
+
+
+def held_out_latents(pipe, count: int, seed: int, size) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
+    """(items, clean latents, noise) of `count` held-out training-style clips, the loss diagnostics' data."""
+    from standin.train.data import vae_latents
+    from standin_mini.data import MiniClipDataset
+
+    frames, height, width = size
+    dataset = MiniClipDataset("test", count, frames, (height, width), pipe.config.reference_size, seed=seed)
+    items = [dataset[i] for i in range(count)]
+    clean = vae_latents(pipe.vae, torch.stack([item["video"] for item in items]))
+    return items, clean, torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed))
+
+
+def velocities(model, noisy, sigma: float, prompts, reference=None, batch: int = 8) -> torch.Tensor:
+    """The model's velocity predictions for clips at noise level sigma, a batch at a time."""
+    predictions = []
+    for start in range(0, len(noisy), batch):
+        part = slice(start, start + batch)
+        timestep = torch.full((noisy[part].shape[0],), sigma * 1000)
+        extra = {} if reference is None else {"reference_latents": reference[part]}
+        predictions.append(model(noisy[part], timestep, prompts[part], return_dict=False, **extra)[0])
+    return torch.cat(predictions)
+
+
+def clip_losses(model, clean, noise, sigma: float, prompts, reference=None) -> torch.Tensor:
+    """Each clip's flow-matching loss at noise level sigma (the same noise for every caller)."""
+    noisy, target = (1 - sigma) * clean + sigma * noise, noise - clean
+    return ((velocities(model, noisy, sigma, prompts, reference) - target) ** 2).flatten(1).mean(1)
+
+
+def frame_change(latents: torch.Tensor) -> float:
+    """Mean square of the change between consecutive frames of [B, C, T, H, W] latents: how much a clip moves."""
+    return float((latents[:, :, 1:] - latents[:, :, :-1]).pow(2).mean())
 
 
 @torch.no_grad()
-def reference_use(pipe, adapters: dict, count: int = 48, seed: int = 0, size=(17, 64, 64), batch: int = 8) -> dict:
+def reference_use(pipe, adapters: dict, count: int = 48, seed: int = 0, size=(17, 64, 64)) -> dict:
     """Does a model use the identity in its reference? Flow-matching loss on held-out clips at fixed noise levels,
     with the clip's own reference ("right"), another held-out identity's ("wrong", the batch rolled by one) and
     none (the base). Independent of how well the model draws: a model that uses the identity has right < base <
     wrong."""
     from standin.models import StandInModel
     from standin.train.data import PromptEncoder, vae_latents
-    from standin_mini.data import MiniClipDataset
 
     if not adapters:
         return {}
-    frames, height, width = size
-    dataset = MiniClipDataset("test", count, frames, (height, width), pipe.config.reference_size, seed=seed)
-    items = [dataset[i] for i in range(count)]
-    clean = vae_latents(pipe.vae, torch.stack([item["video"] for item in items]))
+    items, clean, noise = held_out_latents(pipe, count, seed, size)
     references = vae_latents(pipe.vae, torch.stack([item["reference"] for item in items]))
     prompts = PromptEncoder(pipe, pipe.device)([item["prompt"] for item in items])
-    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed))
-
-    def loss(model, noisy, target, sigma, reference) -> float:
-        errors = []
-        for start in range(0, count, batch):
-            part = slice(start, start + batch)
-            timestep = torch.full((noisy[part].shape[0],), sigma * 1000)
-            prediction = model(noisy[part], timestep, prompts[part],
-                               reference_latents=None if reference is None else reference[part])[0]
-            errors.append(((prediction - target[part]) ** 2).flatten(1).mean(1))
-        return float(torch.cat(errors).mean())
-
     models = {name: StandInModel(pipe.transformer, adapter).eval() for name, adapter in adapters.items()}
     results = {name: {} for name in adapters}
-    for sigma in REFERENCE_SIGMAS:
-        noisy, target = (1 - sigma) * clean + sigma * noise, noise - clean
+    for sigma in LOSS_SIGMAS:
         # Without a reference every variant is the base model: computed once.
-        base = loss(next(iter(models.values())), noisy, target, sigma, None)
+        base = float(clip_losses(next(iter(models.values())), clean, noise, sigma, prompts).mean())
         for name, model in models.items():
             results[name][f"base@{sigma}"] = base
-            results[name][f"right@{sigma}"] = loss(model, noisy, target, sigma, references)
-            results[name][f"wrong@{sigma}"] = loss(model, noisy, target, sigma, references.roll(1, 0))
+            for case, reference in (("right", references), ("wrong", references.roll(1, 0))):
+                results[name][f"{case}@{sigma}"] = float(clip_losses(model, clean, noise, sigma, prompts,
+                                                                     reference).mean())
     return results
 
 
 def reference_use_table(results: dict) -> str:
-    lines = ["| variant | " + " | ".join(f"sigma {s}: right / none / wrong" for s in REFERENCE_SIGMAS) + " |",
-             "| --- |" + " --- |" * len(REFERENCE_SIGMAS)]
+    lines = ["| variant | " + " | ".join(f"sigma {s}: right / none / wrong" for s in LOSS_SIGMAS) + " |",
+             "| --- |" + " --- |" * len(LOSS_SIGMAS)]
     for name, losses in results.items():
         cells = [" / ".join(f"{losses[f'{case}@{s}']:.4f}" for case in ("right", "base", "wrong"))
-                 for s in REFERENCE_SIGMAS]
+                 for s in LOSS_SIGMAS]
         lines.append(f"| {VARIANT_NAMES.get(name, name)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def replaced(prompt: Prompt, part: str, rng: np.random.Generator) -> Prompt:
+    """The prompt with its `part` (action, place or time) replaced by another value of the world's, at random."""
+    others = [value for value in PROMPT_PARTS[part] if value != getattr(prompt, part)]
+    return dataclasses.replace(prompt, **{part: others[int(rng.integers(len(others)))]})
+
+
+@torch.no_grad()
+def prompt_use(pipe, count: int = 48, seed: int = 0, size=(17, 64, 64)) -> dict:
+    """Does the base read each part of its prompt, and at which noise level? Its flow-matching loss on held-out
+    clips with the clip's own prompt and with the action, the place or the time replaced (one at a time): a part
+    the base reads raises the loss when it is wrong. The sampler lays a clip out at high noise, so a part read only
+    at low noise comes too late to be drawn. With the own prompt, how much the clean clip the base predicts moves
+    (frame_change), against the clips themselves. {"prompts": {case: texts}, "loss": {"case@sigma": per-clip
+    losses}, "predicted_motion": {sigma: frame_change}, "clip_motion": frame_change}."""
+    from standin.train.data import PromptEncoder
+
+    items, clean, noise = held_out_latents(pipe, count, seed, size)
+    own = [parse_prompt(item["prompt"]) for item in items]
+    rng = np.random.default_rng(seed)
+    texts = {"own": [str(prompt) for prompt in own],
+             **{part: [str(replaced(prompt, part, rng)) for prompt in own] for part in PROMPT_PARTS}}
+    encode = PromptEncoder(pipe, pipe.device)
+    embeds = {case: encode(values) for case, values in texts.items()}
+    model = pipe.transformer.eval()
+    loss = {f"{case}@{sigma}": clip_losses(model, clean, noise, sigma, embeds[case]).tolist()
+            for sigma in LOSS_SIGMAS for case in texts}
+    motion = {}
+    for sigma in LOSS_SIGMAS:  # the clean clip it predicts: x0 = x_t - sigma v
+        noisy = (1 - sigma) * clean + sigma * noise
+        motion[str(sigma)] = frame_change(noisy - sigma * velocities(model, noisy, sigma, embeds["own"]))
+    return {"prompts": texts, "loss": loss, "predicted_motion": motion, "clip_motion": frame_change(clean)}
+
+
+def prompt_use_table(use: dict) -> str:
+    """The mean loss with each part replaced, as a change over the own prompt's (per clip, then averaged), the
+    predicted clip's motion as a share of the clips', and the action's change by the clip's action."""
+    loss = {key: np.array(values) for key, values in use["loss"].items()}
+
+    def change(case, sigma, clips=slice(None)):
+        return f"{100 * np.mean(loss[f'{case}@{sigma}'][clips] / loss[f'own@{sigma}'][clips] - 1):+.1f}%"
+
+    lines = ["| sigma | own prompt | " + " | ".join(f"{part} replaced" for part in PROMPT_PARTS)
+             + " | motion of the predicted clip (of the clips') |", "| --- |" + " --- |" * (2 + len(PROMPT_PARTS))]
+    for sigma in LOSS_SIGMAS:
+        lines.append(f"| {sigma} | {loss[f'own@{sigma}'].mean():.4f} | " + " | ".join(
+            f"{loss[f'{part}@{sigma}'].mean():.4f} ({change(part, sigma)})" for part in PROMPT_PARTS)
+            + f" | {use['predicted_motion'][str(sigma)] / use['clip_motion']:.0%} |")
+    actions = np.array([parse_prompt(text).action for text in use["prompts"]["own"]])
+    lines += ["", "| the clip's action | clips | " + " | ".join(f"action replaced, sigma {s}" for s in LOSS_SIGMAS)
+              + " |", "| --- | --- |" + " --- |" * len(LOSS_SIGMAS)]
+    for action in ACTIONS:
+        if (actions == action).any():
+            lines.append(f"| {action} | {(actions == action).sum()} | "
+                         + " | ".join(change("action", s, actions == action) for s in LOSS_SIGMAS) + " |")
     return "\n".join(lines)
 
 
@@ -231,13 +310,17 @@ def evaluate(base, adapters: dict[str, str], count: int, out: str, steps: int = 
     for name, total in seconds.items():
         summary[name]["seconds_per_video"] = total / count
     use = reference_use(pipe, loaded, reference_clips, seed, size) if reference_clips else {}
+    reads = prompt_use(pipe, reference_clips, seed, size) if reference_clips else {}
     report = {"base": str(base), "adapters": adapters, "count": count, "steps": steps, "guidance": guidance,
               "seed": seed, "size": list(size), "seconds": round(time.perf_counter() - started, 1), "summary": summary,
-              "reference_use": {"clips": reference_clips, "loss": use}, "clips": rows}
+              "reference_use": {"clips": reference_clips, "loss": use}, "prompt_use": reads, "clips": rows}
     text = markdown_table(summary)
     if use:
         text += (f"\n\nFlow-matching loss on {reference_clips} held-out clips with the clip's own reference / none "
                  "/ another identity's:\n\n" + reference_use_table(use))
+    if reads:
+        text += (f"\n\nThe base's flow-matching loss on the same {reference_clips} clips with the clip's own prompt "
+                 "and with one part replaced (change over the own prompt's, per clip):\n\n" + prompt_use_table(reads))
     out = Path(out)
     save_text(json.dumps(report, indent=2), out.with_suffix(".json"))
     save_text(text + "\n", out.with_suffix(".md"))
@@ -256,7 +339,7 @@ def main(argv=None) -> int:
     parser.add_argument("--guidance", type=float, help="text guidance scale (1: none; default: the base's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reference-clips", type=int, default=48,
-                        help="held-out clips for the reference-use losses (0: skip)")
+                        help="held-out clips for the loss diagnostics: reference use, the base's prompt use (0: skip)")
     parser.add_argument("--reference-guidance", action="append", default=[], metavar="G[:STEPS]",
                         help="add a row: the standin adapter with identity guidance G (in the first STEPS steps)")
     parser.add_argument("--out", required=True, help="output stem: writes STEM.md, STEM.json and STEM.png")

@@ -9,6 +9,8 @@
         [--set init=mini/standin_mini/weights/base --set layers=12]   # grow it deeper first (grow_depth)
         [--set init=mini/standin_mini/weights/base --set patch=1]     # or refine its token grid (refine_patches)
         [--set ema=0.995]  # export a moving average of the weights (the last step's stay in t2v/checkpoint.pt)
+        [--set image_batch=64]  # single frames of cached clips beside the clips, a second loss
+        [--set motion_loss=5]   # weigh the predicted clip's change between frames on its own (motion_error)
     python -m standin_mini.train_base evaluate --work /tmp/mini_work   # sample clips, contact sheet, prompt checks
     python -m standin_mini.train_base export --work /tmp/mini_work --out mini/standin_mini/weights/base
 
@@ -113,6 +115,7 @@ class T2VConfig:
     prompt_dropout: float = 0.1  # the unconditional branch of classifier-free guidance
     image_batch: int = 0  # single frames a step besides the clips (Wan trains on images too): 16 tokens each, not 272
     ema: float = 0.0  # decay of an exponential moving average of the weights, which the stage then exports; 0: off
+    motion_loss: float = 0.0  # weight of the clips' frame-to-frame loss (motion_error); 0: off
     checkpoint_every: int = 100
     seed: int = 0
     init: str = ""  # an exported mini base folder to continue from (e.g. the shipped one), "" = scratch
@@ -525,21 +528,33 @@ def flow_matching_batch(latents: torch.Tensor, prompts: list[str], generator: to
     return (1 - s) * x0 + s * noise, 1000 * sigma, noise - x0, texts
 
 
-def t2v_loss(transformer, text_encoder, tokenizer, latents, prompts, generator, config: T2VConfig) -> dict:
-    """{"loss": the clips' loss [+ the single frames' loss], "clips": ..., "images": ...}. The batches are drawn on
-    the CPU (the same on every device), the step runs on the transformer's device."""
+def motion_error(velocity: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of the predicted clean clip's frame-to-frame change. The clean latents' change between
+    frames carries ~4% of their power, so the plain loss barely sees whether a prediction moves; this term weighs
+    the motion on its own. The clean-latent error is sigma times the velocity error (x0 = x_t - sigma v)."""
+    error = (timesteps / 1000).view(-1, 1, 1, 1, 1) * (velocity - target)
+    return F.mse_loss(error[:, :, 1:], error[:, :, :-1])
 
-    def loss(images: int) -> torch.Tensor:
+
+def t2v_loss(transformer, text_encoder, tokenizer, latents, prompts, generator, config: T2VConfig) -> dict:
+    """{"loss": the sum of the parts, "clips": the clips' loss[, "motion": their weighted motion_error][, "images":
+    the single frames' loss]}. The batches are drawn on the CPU (the same on every device), the step runs on the
+    transformer's device."""
+
+    def predict(images: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         noisy, timesteps, target, texts = flow_matching_batch(latents, prompts, generator, config, images)
         device = transformer.device
         noisy, timesteps, target = noisy.to(device), timesteps.to(device), target.to(device)
         embeds = encode_prompts(tokenizer, text_encoder, texts)
-        velocity = transformer(noisy, timesteps, embeds, return_dict=False)[0]
-        return F.mse_loss(velocity, target)
+        return transformer(noisy, timesteps, embeds, return_dict=False)[0], target, timesteps
 
-    parts = {"clips": loss(0)}
+    velocity, target, timesteps = predict(0)
+    parts = {"clips": F.mse_loss(velocity, target)}
+    if config.motion_loss:
+        parts["motion"] = config.motion_loss * motion_error(velocity, target, timesteps)
     if config.image_batch:
-        parts["images"] = loss(config.image_batch)
+        velocity, target, _ = predict(config.image_batch)
+        parts["images"] = F.mse_loss(velocity, target)
     return {"loss": sum(parts.values()), **parts}
 
 

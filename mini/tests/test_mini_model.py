@@ -408,6 +408,34 @@ def test_image_batches_are_single_frames_of_the_cached_clips():
     assert len(times) > 1  # any frame of a clip, not always the first
 
 
+def test_motion_loss_weighs_the_change_between_frames_of_the_predicted_clip():
+    """An error the same in every frame costs nothing; one that flips sign each frame costs (2 sigma)^2 per value.
+    t2v_loss adds the weighted term to the clips' loss on the same draws."""
+    target = torch.randint(-4, 4, (2, 16, 17, 8, 8), generator=torch.Generator().manual_seed(0)).float()
+    timesteps = torch.tensor([500.0, 1000.0])
+    still = torch.randint(-4, 4, (2, 16, 1, 8, 8), generator=torch.Generator().manual_seed(1)).expand_as(target)
+    assert train_base.motion_error(target + still, target, timesteps) == 0
+    flips = (torch.arange(17) % 2 * 2 - 1.0).view(1, 1, 17, 1, 1)
+    assert train_base.motion_error(target + flips, target, timesteps).item() == pytest.approx((1 + 4) / 2)
+
+    from dataclasses import replace
+
+    tokenizer = mini_tokenizer()
+    torch.manual_seed(0)
+    text_encoder = train_base.build_text_encoder(TINY_T2V, len(tokenizer))
+    transformer = train_base.build_transformer(TINY_T2V)
+    latents = torch.randn(5, 16, 17, 8, 8, generator=torch.Generator().manual_seed(2))
+    prompts = ["a person waves on a beach at night"] * 5
+
+    def losses(config):
+        return train_base.t2v_loss(transformer, text_encoder, tokenizer, latents, prompts,
+                                   train_base.step_generator(0, 3), config)
+
+    plain, weighted = losses(TINY_T2V), losses(replace(TINY_T2V, motion_loss=2.0))
+    assert "motion" not in plain and torch.equal(plain["clips"], weighted["clips"])
+    assert weighted["motion"] > 0 and torch.equal(weighted["loss"], weighted["clips"] + weighted["motion"])
+
+
 def test_t2v_stage_exports_the_weight_average_and_resumes_it_exactly(tmp_path, monkeypatch, tiny_base):
     """With `ema` the stage trains exactly as without (the average only reads the weights), resumes the average
     with the rest after a kill, and exports the average, not the last step's weights. Image batches train too."""
