@@ -94,10 +94,9 @@ def velocities(model, noisy, sigma: float, prompts, reference=None, batch: int =
     return torch.cat(predictions)
 
 
-def clip_losses(model, clean, noise, sigma: float, prompts, reference=None) -> torch.Tensor:
-    """Each clip's flow-matching loss at noise level sigma (the same noise for every caller)."""
-    noisy, target = (1 - sigma) * clean + sigma * noise, noise - clean
-    return ((velocities(model, noisy, sigma, prompts, reference) - target) ** 2).flatten(1).mean(1)
+def clip_losses(velocity: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Each clip's flow-matching loss."""
+    return ((velocity - target) ** 2).flatten(1).mean(1)
 
 
 def frame_change(latents: torch.Tensor) -> float:
@@ -122,13 +121,17 @@ def reference_use(pipe, adapters: dict, count: int = 48, seed: int = 0, size=(17
     models = {name: StandInModel(pipe.transformer, adapter).eval() for name, adapter in adapters.items()}
     results = {name: {} for name in adapters}
     for sigma in LOSS_SIGMAS:
+        noisy, target = (1 - sigma) * clean + sigma * noise, noise - clean
+
+        def loss(model, reference=None) -> float:
+            return float(clip_losses(velocities(model, noisy, sigma, prompts, reference), target).mean())
+
         # Without a reference every variant is the base model: computed once.
-        base = float(clip_losses(next(iter(models.values())), clean, noise, sigma, prompts).mean())
+        base = loss(next(iter(models.values())))
         for name, model in models.items():
             results[name][f"base@{sigma}"] = base
-            for case, reference in (("right", references), ("wrong", references.roll(1, 0))):
-                results[name][f"{case}@{sigma}"] = float(clip_losses(model, clean, noise, sigma, prompts,
-                                                                     reference).mean())
+            results[name][f"right@{sigma}"] = loss(model, references)
+            results[name][f"wrong@{sigma}"] = loss(model, references.roll(1, 0))
     return results
 
 
@@ -166,12 +169,14 @@ def prompt_use(pipe, count: int = 48, seed: int = 0, size=(17, 64, 64)) -> dict:
     encode = PromptEncoder(pipe, pipe.device)
     embeds = {case: encode(values) for case, values in texts.items()}
     model = pipe.transformer.eval()
-    loss = {f"{case}@{sigma}": clip_losses(model, clean, noise, sigma, embeds[case]).tolist()
-            for sigma in LOSS_SIGMAS for case in texts}
-    motion = {}
-    for sigma in LOSS_SIGMAS:  # the clean clip it predicts: x0 = x_t - sigma v
-        noisy = (1 - sigma) * clean + sigma * noise
-        motion[str(sigma)] = frame_change(noisy - sigma * velocities(model, noisy, sigma, embeds["own"]))
+    loss, motion = {}, {}
+    for sigma in LOSS_SIGMAS:
+        noisy, target = (1 - sigma) * clean + sigma * noise, noise - clean
+        for case, embed in embeds.items():
+            velocity = velocities(model, noisy, sigma, embed)
+            loss[f"{case}@{sigma}"] = clip_losses(velocity, target).tolist()
+            if case == "own":  # the clean clip it predicts: x0 = x_t - sigma v
+                motion[str(sigma)] = frame_change(noisy - sigma * velocity)
     return {"prompts": texts, "loss": loss, "predicted_motion": motion, "clip_motion": frame_change(clean)}
 
 
